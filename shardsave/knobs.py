@@ -1,0 +1,127 @@
+"""Tuning constants, each overridable through an environment variable.
+
+An explicit function argument always wins over a knob; a knob wins over the default.
+Tests change knobs with :func:`override`, which restores the previous value on exit.
+Read knobs through the accessor functions at call time (never copy them into module
+globals) so that an override or an environment change takes effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+_DEFAULTS: dict[str, int | float] = {
+    # Target size of one stored chunk (raw bytes). A resharding load reads and decodes whole
+    # chunks, so smaller chunks read less surplus; larger chunks compress a little better and
+    # cost less bookkeeping. 16 MiB keeps per-chunk overhead < 0.1% at ~1 GB/s.
+    "CHUNK_BYTES": 16 * 1024 * 1024,
+    # Encoder/decoder threads per rank. zstandard and numpy copies release the GIL.
+    "IO_THREADS": max(1, min(8, os.cpu_count() or 1)),
+    # How many encoded chunks may wait for the writer at once (bounds host memory).
+    "MAX_INFLIGHT_CHUNKS": 4,
+    # zstd compression level (1 is the fast end; trained weights gain little above it).
+    "ZSTD_LEVEL": 1,
+    # "auto" keeps a compressed stream only if it is at most this fraction of its input.
+    "MIN_COMPRESSION_GAIN": 0.97,
+    # Seconds a checkpoint collective waits for a peer before reporting it lost.
+    "COLLECTIVE_TIMEOUT_S": 300.0,
+    # Byte gap under which two ranged reads of one file are merged into one request.
+    "READ_COALESCE_GAP": 1024 * 1024,
+    # Compressed bytes one load step fetches before decoding them (bounds load memory).
+    "READ_BATCH_BYTES": 256 * 1024 * 1024,
+    # Retries of a transient storage failure, with exponential backoff from this base.
+    "STORAGE_RETRIES": 5,
+    "STORAGE_RETRY_BASE_S": 0.05,
+    # Largest index.json accepted from storage (an untrusted index must not exhaust memory).
+    "MAX_INDEX_BYTES": 512 * 1024 * 1024,
+}
+
+_overrides: dict[str, int | float] = {}
+
+
+def _get(name: str) -> int | float:
+    if name in _overrides:
+        return _overrides[name]
+    default = _DEFAULTS[name]
+    raw = os.environ.get(f"SHARDSAVE_{name}")
+    if raw is None:
+        return default
+    try:
+        return type(default)(raw)
+    except ValueError as exc:
+        raise ValueError(
+            f"environment variable SHARDSAVE_{name}={raw!r} is not a valid "
+            f"{type(default).__name__}; unset it or give a number like {default!r}"
+        ) from exc
+
+
+def get_int(name: str) -> int:
+    """The current value of an integer knob."""
+    return int(_get(name))
+
+
+def get_float(name: str) -> float:
+    """The current value of a float knob."""
+    return float(_get(name))
+
+
+def chunk_bytes() -> int:
+    return get_int("CHUNK_BYTES")
+
+
+def io_threads() -> int:
+    return max(1, get_int("IO_THREADS"))
+
+
+def max_inflight_chunks() -> int:
+    return max(1, get_int("MAX_INFLIGHT_CHUNKS"))
+
+
+def zstd_level() -> int:
+    return get_int("ZSTD_LEVEL")
+
+
+def min_compression_gain() -> float:
+    return get_float("MIN_COMPRESSION_GAIN")
+
+
+def collective_timeout_s() -> float:
+    return get_float("COLLECTIVE_TIMEOUT_S")
+
+
+def read_coalesce_gap() -> int:
+    return get_int("READ_COALESCE_GAP")
+
+
+def read_batch_bytes() -> int:
+    return max(1, get_int("READ_BATCH_BYTES"))
+
+
+def storage_retries() -> int:
+    return get_int("STORAGE_RETRIES")
+
+
+def storage_retry_base_s() -> float:
+    return get_float("STORAGE_RETRY_BASE_S")
+
+
+def max_index_bytes() -> int:
+    return get_int("MAX_INDEX_BYTES")
+
+
+@contextlib.contextmanager
+def override(**values: int | float) -> Iterator[None]:
+    """Temporarily set knobs by name, e.g. ``with override(CHUNK_BYTES=4096): ...``."""
+    unknown = sorted(set(values) - set(_DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown knob(s) {unknown}; known: {sorted(_DEFAULTS)}")
+    saved = {k: _overrides[k] for k in values if k in _overrides}
+    _overrides.update(values)
+    try:
+        yield
+    finally:
+        for k in values:
+            _overrides.pop(k, None)
+        _overrides.update(saved)

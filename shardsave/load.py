@@ -1,0 +1,375 @@
+"""``ss.load`` (in place, resharding), ``ss.load_full`` (one process), ``ss.info``.
+
+Loading never unpickles or evaluates anything: the index is JSON, chunks are raw bytes
+decoded by a codec named in the index and checked against a checksum before use.
+
+In-place load, on each rank:
+
+1. (coordinator -> all ranks) read ``index.json`` once and broadcast its bytes, so every
+   rank plans against the same checkpoint even if it is being overwritten meanwhile.
+2. (each rank) match its targets against the index: missing / unexpected keys and
+   shape / dtype differences raise StateDictMismatchError under ``strict=True``.
+3. (each rank) plan the chunk reads its targets need -- the targets' own layout decides
+   the resharding -- then fetch, verify, decode and copy them in place.
+4. (all ranks) exchange outcomes, so a failure on one rank fails the load on all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from shardsave import knobs
+from shardsave.dist.comm import Comm, describe_error
+from shardsave.dist.values import kind_of
+from shardsave.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    MissingFileError,
+    ShardsaveError,
+    StateDictMismatchError,
+)
+from shardsave.format.dtypes import dtype_name, torch_dtype
+from shardsave.format.index import DATA_KINDS, CheckpointInfo, Entry, PathComponent, index_from_json
+from shardsave.format.names import INDEX_NAME
+from shardsave.pipeline.read import execute_reads
+from shardsave.plan.dtypes import numpy_dtype
+from shardsave.plan.flatten import Leaf, PerRank, flatten, unflatten
+from shardsave.plan.layout import ShardedLayout
+from shardsave.plan.load_plan import Region, plan_reads
+from shardsave.storage import Storage
+
+
+@dataclass
+class LoadResult:
+    """What a non-strict load could not load (all empty after a strict load)."""
+
+    missing: list[str] = field(default_factory=list)
+    """Target keys the checkpoint does not hold (left unchanged)."""
+    unexpected: list[str] = field(default_factory=list)
+    """Checkpoint keys the target does not have (not loaded)."""
+    mismatched: list[str] = field(default_factory=list)
+    """Keys whose shape, dtype or kind differ (left unchanged), with the difference."""
+
+
+def read_index(storage: Storage) -> CheckpointInfo:
+    """Read and parse a committed index (CheckpointNotFoundError if there is none)."""
+    try:
+        data = storage.read_bytes(INDEX_NAME, max_bytes=knobs.max_index_bytes())
+    except MissingFileError:
+        hint = " (data files exist: an interrupted or failed save)" if _has_data(storage) else ""
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {storage.url}: {INDEX_NAME} is missing{hint}"
+        ) from None
+    return index_from_json(data, path=storage.url)
+
+
+def _has_data(storage: Storage) -> bool:
+    try:
+        return bool(storage.listdir("data"))
+    except ShardsaveError:
+        return False
+
+
+def info(path: str, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """The committed checkpoint's index, parsed."""
+    return read_index(Storage.from_url(path, storage_options))
+
+
+def _entry_dtype(e: Entry, rank: int) -> tuple[str | None, tuple[int, ...] | None]:
+    if e.is_per_rank:
+        rv = e.per_rank[rank] if rank < len(e.per_rank) else None
+        return (rv.dtype, rv.shape) if rv is not None else (None, None)
+    return e.dtype, e.shape
+
+
+@dataclass
+class _Target:
+    """One target leaf to fill: where the bytes go and how to hand them back."""
+
+    leaf: Leaf
+    entry_index: int
+    rank: int
+    local: torch.Tensor
+    regions: list[Region]
+    dtype: str
+    assign: Any = None
+    """Callable run after the reads (None: the data landed in place)."""
+
+
+def _set(leaf: Leaf, value: Any) -> None:
+    if isinstance(leaf.container, PerRank):
+        leaf.container.value = value
+    else:
+        leaf.container[leaf.slot] = value
+
+
+def _whole(shape: tuple[int, ...]) -> list[Region]:
+    return [Region(((0,) * len(shape), shape), (0,) * len(shape))]
+
+
+def _match(
+    leaves: list[Leaf], info: CheckpointInfo, rank: int
+) -> tuple[list[_Target], list[tuple[Leaf, Entry]], LoadResult]:
+    """Pair targets with entries; the rest is reported."""
+    from torch.distributed.tensor import DTensor
+
+    result = LoadResult()
+    targets: list[_Target] = []
+    json_sets: list[tuple[Leaf, Entry]] = []
+    seen: set[str] = set()
+    for leaf in leaves:
+        try:
+            idx = info.entry_index(leaf.key)
+        except KeyError:
+            result.missing.append(leaf.key)
+            continue
+        seen.add(leaf.key)
+        e = info.entries[idx]
+        tkind = kind_of(leaf.value)
+        if e.kind == "json" or tkind == "json":
+            if e.kind != "json" and tkind == "json":
+                # A JSON placeholder (e.g. None) receiving stored data: replace it.
+                pass
+            elif e.kind == "json" and e.is_per_rank and (rank >= len(e.per_rank) or e.per_rank[rank] is None):
+                result.missing.append(leaf.key)
+                continue
+            elif e.kind == "json":
+                json_sets.append((leaf, e))
+                continue
+        dtype, shape = _entry_dtype(e, rank)
+        if dtype is None or shape is None:
+            result.missing.append(f"{leaf.key} (saved by {info.world_size} ranks; none for rank {rank})")
+            continue
+        value = leaf.value
+        if tkind == "json":
+            out = _fresh(e, dtype, shape)
+            targets.append(_Target(leaf, idx, rank, out, _whole(shape), dtype,
+                                   assign=lambda leaf=leaf, out=out, e=e: _set(leaf, _as_kind(e.kind, out))))
+            continue
+        if isinstance(value, DTensor):
+            mine = (dtype_name(value.dtype), tuple(value.shape))
+        elif isinstance(value, torch.Tensor):
+            mine = (dtype_name(value.dtype), tuple(value.shape))
+        elif isinstance(value, (np.ndarray, np.generic)):
+            from shardsave.plan.dtypes import numpy_to_dtype_name
+
+            arr = np.asarray(value)
+            mine = (numpy_to_dtype_name(arr.dtype) or str(arr.dtype), tuple(arr.shape))
+        else:  # bytes: any length is acceptable, replaced whole
+            mine = (dtype, shape) if dtype == "uint8" else ("uint8", (len(value),))
+        if mine != (dtype, shape):
+            result.mismatched.append(
+                f"{leaf.key}: checkpoint has {dtype}{list(shape)}, target has {mine[0]}{list(mine[1])}"
+            )
+            continue
+        targets.append(_target_for(leaf, idx, rank, e, dtype, shape))
+    result.unexpected = [e.key for e in info.entries if e.key not in seen]
+    return targets, json_sets, result
+
+
+def _fresh(e: Entry, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch_dtype(dtype))
+
+
+def _as_kind(kind: str, t: torch.Tensor) -> Any:
+    """A loaded tensor as the kind it was saved as."""
+    if kind == "tensor":
+        return t
+    if kind == "bytes":
+        return t.numpy().tobytes()
+    name = dtype_name(t.dtype)
+    if name == "bool":
+        return t.view(torch.uint8).numpy().view(np.bool_)
+    return t.numpy().view(numpy_dtype(name))
+
+
+def _target_for(leaf: Leaf, idx: int, rank: int, e: Entry, dtype: str, shape: tuple[int, ...]) -> _Target:
+    from torch.distributed.tensor import DTensor
+
+    value = leaf.value
+    if isinstance(value, DTensor):
+        from shardsave.dist.values import placements_of
+        from shardsave.format.index import Mesh
+
+        coord = value.device_mesh.get_coordinate()
+        local = value.to_local()
+        if coord is None:
+            return _Target(leaf, idx, rank, local, [], dtype)
+        mesh = Mesh(tuple(value.device_mesh.mesh.shape), tuple(value.device_mesh.mesh.reshape(-1).tolist()))
+        layout = ShardedLayout(shape, mesh, placements_of(value, leaf.path))
+        regions = [Region(box, off) for _, box, off in layout.local_pieces(tuple(coord)) if 0 not in box[1]]
+        return _Target(leaf, idx, rank, local, regions, dtype)
+    if isinstance(value, torch.Tensor):
+        return _Target(leaf, idx, rank, value.detach(), _whole(shape), dtype)
+    if isinstance(value, np.ndarray) and value.flags.writeable and value.dtype != np.bool_:
+        return _Target(leaf, idx, rank, torch.from_numpy(value) if value.size else torch.empty(shape,
+                       dtype=torch_dtype(dtype)), _whole(shape), dtype)
+    out = _fresh(e, dtype, shape)
+    return _Target(leaf, idx, rank, out, _whole(shape), dtype,
+                   assign=lambda: _set(leaf, _as_kind(e.kind if e.kind != "tensor" else kind_of(value), out)
+                                       if not isinstance(value, np.ndarray) else _copy_np(value, out, leaf)))
+
+
+def _copy_np(arr: np.ndarray, t: torch.Tensor, leaf: Leaf) -> Any:
+    loaded = _as_kind("numpy", t)
+    if arr.flags.writeable:
+        np.copyto(arr, loaded)
+        return arr
+    return loaded
+
+
+def _mismatch_error(result: LoadResult, path: str) -> StateDictMismatchError:
+    lines = [f"state dict does not match the checkpoint at {path}:"]
+    for title, items in (("missing from the checkpoint", result.missing),
+                         ("in the checkpoint but not in the target", result.unexpected),
+                         ("different shape/dtype", result.mismatched)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+    lines.append("  pass strict=False to load what matches and get the rest reported")
+    return StateDictMismatchError("\n".join(lines), missing=result.missing, unexpected=result.unexpected,
+                                  mismatched=result.mismatched)
+
+
+def _json_value(e: Entry, rank: int) -> Any:
+    if e.is_per_rank:
+        rv = e.per_rank[rank]
+        assert rv is not None
+        jt, v = rv.json_type, rv.value
+    else:
+        jt, v = e.json_type, e.value
+    return {} if jt == "dict" else [] if jt == "list" else v
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: str,
+    *,
+    process_group: Any = None,
+    strict: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> LoadResult:
+    """Load a checkpoint into ``state_dict`` in place, resharding onto the targets' layout.
+
+    Tensors (plain or DTensor) are filled in place; numpy arrays in place when writable;
+    bytes and JSON values are replaced in their containers. Collective over
+    ``process_group`` when torch.distributed is initialised.
+    """
+    comm = Comm(process_group)
+    storage = Storage.from_url(path, storage_options)
+    # 1. (coordinator -> all ranks) one read of the index.
+    blob: tuple[bytes | None, str | None] | None = None
+    if comm.is_coordinator:
+        try:
+            blob = (storage.read_bytes(INDEX_NAME, max_bytes=knobs.max_index_bytes()), None)
+        except MissingFileError:
+            blob = (None, "missing")
+        except Exception as exc:
+            blob = (None, describe_error(exc))
+    data, problem = comm.broadcast(blob, "broadcast index")
+    if data is None:
+        if problem == "missing":
+            read_index(storage)  # raises CheckpointNotFoundError with the right hint
+        raise CheckpointError(f"cannot read the index of {storage.url}", {0: problem or "unknown"})
+    ckpt = index_from_json(data, path=storage.url)
+
+    error: BaseException | None = None
+    result = LoadResult()
+    try:
+        result = _load_local(state_dict, ckpt, storage, comm.rank, strict)
+    except Exception as exc:
+        error = exc
+    # 4. (all ranks) a failure anywhere fails the load everywhere.
+    outcomes = comm.all_gather(describe_error(error) if error else None, "exchange load outcomes")
+    if error is not None:
+        raise error
+    failures = {r: o for r, o in enumerate(outcomes) if o}
+    if failures:
+        raise CheckpointError(f"load from {storage.url} failed on other ranks:", failures)
+    return result
+
+
+def _load_local(state_dict: Any, ckpt: CheckpointInfo, storage: Storage, rank: int, strict: bool) -> LoadResult:
+    leaves = flatten(state_dict)
+    targets, json_sets, result = _match(leaves, ckpt, rank)
+    if strict and (result.missing or result.unexpected or result.mismatched):
+        raise _mismatch_error(result, storage.url)
+    requests = [(t.entry_index, t.rank, t.regions) for t in targets]
+    reads = plan_reads(ckpt, requests)
+    with torch.no_grad():
+        execute_reads(storage, ckpt, reads, [t.local for t in targets], [t.dtype for t in targets])
+    for t in targets:
+        if t.assign is not None:
+            t.assign()
+    for leaf, e in json_sets:
+        _set(leaf, _json_value(e, rank))
+    return result
+
+
+def _matches(key: str, keys: list[str] | None) -> bool:
+    if keys is None:
+        return True
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def load_full(
+    path: str,
+    keys: list[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint into one process as plain full values (no process group needed).
+
+    Tensors come back as full CPU tensors, numpy arrays as arrays, bytes as bytes, JSON
+    values as saved (tuples as lists). A ``ss.PerRank`` value comes back as a list indexed
+    by saved rank. ``keys`` selects entries by key or key prefix (``["model"]``) and
+    reads only their bytes.
+    """
+    storage = Storage.from_url(path, storage_options)
+    ckpt = read_index(storage)
+    if keys is not None:
+        unknown = [k for k in keys if not any(_matches(e.key, [k]) for e in ckpt.entries)]
+        if unknown:
+            raise StateDictMismatchError(
+                f"{storage.url} holds no key matching {unknown}; its keys start with "
+                f"{sorted({e.key.split('.')[0] for e in ckpt.entries})[:20]}",
+                missing=unknown,
+            )
+    outputs: list[tuple[tuple[PathComponent, ...], Entry, torch.Tensor | None, Any]] = []
+    requests: list[tuple[int, int, list[Region]]] = []
+    targets: list[torch.Tensor] = []
+    dtypes: list[str] = []
+    for idx, e in enumerate(ckpt.entries):
+        if not _matches(e.key, keys):
+            continue
+        ranks = range(ckpt.world_size) if e.is_per_rank else [0]
+        for r in ranks:
+            p = _full_path(e, r)
+            if e.kind == "json":
+                if not e.is_per_rank or e.per_rank[r] is not None:
+                    outputs.append((p, e, None, _json_value(e, r)))
+                continue
+            dtype, shape = _entry_dtype(e, r)
+            if dtype is None or shape is None:
+                continue
+            t = torch.empty(shape, dtype=torch_dtype(dtype))
+            requests.append((idx, r, _whole(shape)))
+            targets.append(t)
+            dtypes.append(dtype)
+            outputs.append((p, e, t, None))
+    reads = plan_reads(ckpt, requests)
+    execute_reads(storage, ckpt, reads, targets, dtypes)
+    return unflatten(
+        (p, _as_kind(e.kind, t) if t is not None and e.kind in DATA_KINDS else v) for p, e, t, v in outputs
+    )
+
+
+def _full_path(e: Entry, rank: int) -> tuple[PathComponent, ...]:
+    if not e.is_per_rank:
+        return e.path
+    root = e.per_rank_root or 0
+    return (*e.path[:root], rank, *e.path[root:])
