@@ -203,7 +203,7 @@ def _target_for(leaf: Leaf, idx: int, rank: int, e: Entry, dtype: str, shape: tu
         layout = ShardedLayout(shape, mesh, placements_of(value, leaf.path))
         regions = [Region(box, off) for _, box, off in layout.local_pieces(tuple(coord)) if 0 not in box[1]]
         return _Target(leaf, idx, rank, local, regions, dtype)
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and _writable_in_place(value):
         return _Target(leaf, idx, rank, value.detach(), _whole(shape), dtype)
     if isinstance(value, np.ndarray) and value.flags.writeable and value.dtype != np.bool_:
         return _Target(leaf, idx, rank, torch.from_numpy(value) if value.size else torch.empty(shape,
@@ -212,6 +212,13 @@ def _target_for(leaf: Leaf, idx: int, rank: int, e: Entry, dtype: str, shape: tu
     return _Target(leaf, idx, rank, out, _whole(shape), dtype,
                    assign=lambda: _set(leaf, _as_kind(e.kind if e.kind != "tensor" else kind_of(value), out)
                                        if not isinstance(value, np.ndarray) else _copy_np(value, out, leaf)))
+
+
+def _writable_in_place(t: torch.Tensor) -> bool:
+    """An expanded tensor (elements sharing memory) or a lazy conj/neg view cannot take
+    loaded bytes in place; such targets are replaced in their container instead."""
+    overlapping = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+    return not (overlapping or t.is_conj() or t.is_neg())
 
 
 def _copy_np(arr: np.ndarray, t: torch.Tensor, leaf: Leaf) -> Any:

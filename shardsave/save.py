@@ -51,6 +51,8 @@ class _Decision:
     old_files: tuple[str, ...] = ()
     created_at: str = ""
     environment: dict[str, Any] | None = None
+    exists: str | None = None
+    """Set when the only problem is a committed checkpoint at the path (no overwrite)."""
 
 
 def _environment(hostnames: list[str], world_size: int) -> dict[str, Any]:
@@ -144,6 +146,11 @@ def save(
     Returns the committed CheckpointInfo on every rank; raises CheckpointError on every
     rank if any rank failed, in which case no index was written.
     """
+    from shardsave.async_save import wait_for_pending_save
+
+    # At most one save in flight per process: an async save still running finishes first
+    # (and its unseen failure is raised here instead of starting this save).
+    wait_for_pending_save()
     codec = validate_codec_name(codec)
     metadata = _check_metadata(metadata)
     comm = Comm(process_group)
@@ -185,6 +192,8 @@ def _save(
         decision = _decide(gathered, storage, overwrite)
     # 3. (coordinator -> all ranks)
     decision = comm.broadcast(decision, "broadcast save plan")
+    if decision.exists is not None:
+        raise CheckpointExistsError(decision.exists)
     if decision.failures or decision.plan is None:
         raise CheckpointError(
             f"save to {storage.url} failed before writing anything (nothing was written):", decision.failures
@@ -232,10 +241,10 @@ def _decide(gathered: list[tuple[RankPlan, str | None, str]], storage: Storage, 
     try:
         if storage.exists(INDEX_NAME):
             if not overwrite:
-                raise CheckpointExistsError(
+                return _Decision(None, save_id, {}, exists=(
                     f"{storage.full_path(INDEX_NAME)} already holds a committed checkpoint; "
-                    "pass overwrite=True to replace it, or save to another path"
-                )
+                    "pass overwrite=True to replace it, or save to another path (nothing was written)"
+                ))
             from shardsave.load import read_index
 
             try:
