@@ -115,8 +115,6 @@ def _match(
     leaves: list[Leaf], info: CheckpointInfo, rank: int
 ) -> tuple[list[_Target], list[tuple[Leaf, Entry]], LoadResult]:
     """Pair targets with entries; the rest is reported."""
-    from torch.distributed.tensor import DTensor
-
     result = LoadResult()
     targets: list[_Target] = []
     json_sets: list[tuple[Leaf, Entry]] = []
@@ -130,29 +128,25 @@ def _match(
         seen.add(leaf.key)
         e = info.entries[idx]
         tkind = kind_of(leaf.value)
-        if e.kind == "json" or tkind == "json":
-            if e.kind != "json" and tkind == "json":
-                # A JSON placeholder (e.g. None) receiving stored data: replace it.
-                pass
-            elif e.kind == "json" and e.is_per_rank and (rank >= len(e.per_rank) or e.per_rank[rank] is None):
-                result.missing.append(leaf.key)
-                continue
-            elif e.kind == "json":
+        if e.kind == "json":
+            # JSON values are replaced in their container, whatever the target held.
+            if e.is_per_rank and (rank >= len(e.per_rank) or e.per_rank[rank] is None):
+                result.missing.append(f"{leaf.key} (saved by {info.world_size} ranks; none for rank {rank})")
+            else:
                 json_sets.append((leaf, e))
-                continue
+            continue
         dtype, shape = _entry_dtype(e, rank)
         if dtype is None or shape is None:
             result.missing.append(f"{leaf.key} (saved by {info.world_size} ranks; none for rank {rank})")
             continue
         value = leaf.value
         if tkind == "json":
+            # A JSON placeholder (e.g. None) receiving stored data: replace it.
             out = _fresh(e, dtype, shape)
             targets.append(_Target(leaf, idx, rank, out, _whole(shape), dtype,
                                    assign=lambda leaf=leaf, out=out, e=e: _set(leaf, _as_kind(e.kind, out))))
             continue
-        if isinstance(value, DTensor):
-            mine = (dtype_name(value.dtype), tuple(value.shape))
-        elif isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor):  # DTensor too: its global dtype and shape
             mine = (dtype_name(value.dtype), tuple(value.shape))
         elif isinstance(value, (np.ndarray, np.generic)):
             from shardsave.plan.dtypes import numpy_to_dtype_name

@@ -20,6 +20,7 @@ Protocol (each step says which ranks run it):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -33,7 +34,12 @@ from shardsave import knobs
 from shardsave.codec import CODEC_DESCRIPTORS, checksum, validate_codec_name
 from shardsave.dist.comm import Comm, describe_error, hostname
 from shardsave.dist.values import DTensorInfo, describe, plain_tensor
-from shardsave.errors import CheckpointError, CheckpointExistsError, ShardsaveError, UnsupportedValueError
+from shardsave.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    ShardsaveError,
+    UnsupportedValueError,
+)
 from shardsave.format.index import FORMAT_VERSION, CheckpointInfo, FileInfo, index_to_json
 from shardsave.format.names import INDEX_NAME, data_file_name, new_save_id
 from shardsave.pipeline.write import PieceWrite, write_rank_file
@@ -146,7 +152,7 @@ def save(
     Returns the committed CheckpointInfo on every rank; raises CheckpointError on every
     rank if any rank failed, in which case no index was written.
     """
-    from shardsave.async_save import wait_for_pending_save
+    from shardsave.asyncsave import wait_for_pending_save
 
     # At most one save in flight per process: an async save still running finishes first
     # (and its unseen failure is raised here instead of starting this save).
@@ -296,8 +302,6 @@ def _commit(
     # Only now may the replaced checkpoint's data go: the new index no longer names it.
     stale = [n for n in decision.old_files if n not in {f.name for f in files}]
     if stale:
-        try:
+        with contextlib.suppress(Exception):  # leftovers are harmless; `gc` removes them
             storage.remove(stale)
-        except Exception:  # noqa: S110 - leftovers are harmless; `gc` removes them
-            pass
     return info, {}

@@ -126,7 +126,6 @@ def _per_rank_save(path: str) -> None:
 
 
 def _per_rank_load(path: str, strict: bool) -> Any:
-    rank = dist.get_rank()
     target = {"rng": ss.PerRank({"t": torch.full((3,), -1), "pos": -1}), "step": 0}
     try:
         result = ss.load(target, path, strict=strict)

@@ -57,8 +57,16 @@ def local_of(full: torch.Tensor, mesh: DeviceMesh, placements: list[Any]) -> tor
 
 
 def make_dtensor(full: torch.Tensor, mesh: DeviceMesh, placements: list[Any]) -> DTensor:
-    return DTensor.from_local(local_of(full, mesh, placements), mesh, placements, run_check=False,
-                              shape=full.shape, stride=full.stride())
+    local = local_of(full, mesh, placements)
+    if local.dim() == 2:
+        # A non-contiguous local shard (a transposed view into a larger, padded buffer), as
+        # FSDP's padded flat buffers produce: save must not serialise the whole storage, and
+        # load must write through the view.
+        padded = torch.zeros(local.shape[1], local.shape[0] + 3, dtype=local.dtype)
+        view = padded[:, 1 : 1 + local.shape[0]].t()
+        view.copy_(local)
+        local = view
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
 
 
 def state(mesh: DeviceMesh | None, placements: list[Any] | None, seed: int, zero: bool = False) -> dict[str, Any]:

@@ -24,7 +24,7 @@ FORMAT_NAME = "shardsave"
 FORMAT_VERSION = (1, 0)
 """(major, minor). A reader accepts any minor of its major; a newer major is refused."""
 
-PathComponent = Union[str, int, tuple[Literal["int"], int]]
+PathComponent = Union[str, int, tuple[Literal["int"], int]]  # noqa: UP007 - a runtime alias on 3.10
 """str: dict key; int: list index; ("int", n): an integer dict key (optimizer state)."""
 
 EntryKind = Literal["tensor", "numpy", "bytes", "json"]
@@ -318,9 +318,7 @@ def _ranks(v: Any, where: str) -> tuple[int, ...]:
 def _path_from_json(v: Any, where: str) -> tuple[PathComponent, ...]:
     out: list[PathComponent] = []
     for c in _list(v, where):
-        if isinstance(c, str):
-            out.append(c)
-        elif isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+        if isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool) and c >= 0):
             out.append(c)
         elif isinstance(c, dict) and set(c) == {"int"} and isinstance(c["int"], int) and not isinstance(c["int"], bool):
             out.append(("int", c["int"]))

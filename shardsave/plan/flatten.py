@@ -193,7 +193,7 @@ def unflatten(items: Iterable[tuple[tuple[PathComponent, ...], Any]]) -> dict[An
         for i, comp in enumerate(path):
             last = i == len(path) - 1
             nxt = path[i + 1] if not last else None
-            key = comp[1] if isinstance(comp, tuple) else comp
+            key: Any = comp[1] if isinstance(comp, tuple) else comp
             if isinstance(node, list):
                 assert isinstance(key, int)
                 while len(node) <= key:
@@ -201,7 +201,7 @@ def unflatten(items: Iterable[tuple[tuple[PathComponent, ...], Any]]) -> dict[An
             if last:
                 node[key] = value
             else:
-                child = node[key] if (isinstance(node, list) or key in node) else None
+                child = node[key] if isinstance(node, list) else node.get(key)
                 if child is None:
                     child = [] if isinstance(nxt, int) else {}
                     node[key] = child

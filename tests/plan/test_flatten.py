@@ -54,7 +54,7 @@ def test_unsupported_values_name_the_key(value: object, needle: str) -> None:
 
 
 def test_colliding_keys_are_refused() -> None:
-    with pytest.raises(UnsupportedValueError, match="both flatten to the key 'a.b'"):
+    with pytest.raises(UnsupportedValueError, match=r"both flatten to the key 'a\.b'"):
         flatten({"a.b": 1, "a": {"b": 2}})
 
 

@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from shardsave.format.index import CheckpointInfo, FileInfo, Placement, index_from_json, index_to_json
+from shardsave.format.index import (
+    CheckpointInfo,
+    FileInfo,
+    Placement,
+    index_from_json,
+    index_to_json,
+)
 from shardsave.plan.load_plan import Region, plan_reads
 from shardsave.plan.save_plan import LeafMeta, ShardSpec, balance_ratio, make_rank_plan, merge_plans
 
