@@ -1,7 +1,8 @@
-"""Shared pytest setup. Harness only: see multirank.py for running tests on several ranks."""
+"""Shared pytest setup: the multi-rank harness on sys.path (see multirank.py) and hypothesis profiles."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,3 +12,11 @@ from pathlib import Path
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+
+# Hypothesis: CI runs a deterministic profile (same examples every run, no deadline on a
+# loaded 2-core machine); locally the default profile explores new examples each time.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
