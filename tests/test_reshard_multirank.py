@@ -136,6 +136,17 @@ def _reshard_worker(root: str) -> list[str]:
             if bad:
                 failures.append(f"case {i} {CASES[i]} rank {rank}: {bad}")
         dist.barrier()
+    # A Partial placement holds unreduced values: refused on every rank, naming the key.
+    from torch.distributed.tensor import Partial
+
+    world_mesh = _mesh(dist.group.WORLD, (dist.get_world_size(),))
+    partial = DTensor.from_local(torch.ones(3), world_mesh, [Partial()], run_check=False)
+    try:
+        ss.save({"grad": partial}, os.path.join(root, "partial"))
+        failures.append("Partial was saved")
+    except ss.CheckpointError as exc:
+        if "state_dict['grad']" not in str(exc) or "Partial" not in str(exc):
+            failures.append(f"unclear Partial error: {exc}")
     if rank == 0:
         # One process, no process group: plain full tensors.
         full = ss.load_full(os.path.join(root, "case3"))
