@@ -62,11 +62,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _saves(events: list[dict[str, Any]]) -> list[str]:
     done = {e["step"]: e["total_s"] for e in events if e["event"] == "save_done"}
     out = []
-    for e in events:
-        if e["event"] == "save":
-            total = done.get(e["step"])
-            total_text = f"{total * 1000:6.0f} ms in the background" if total is not None else "never finished"
-            out.append(f"step {e['step']:>3}: blocked training {e['blocked_s'] * 1000:6.1f} ms, {total_text}")
+    for i, e in enumerate(x for x in events if x["event"] == "save"):
+        total = done.get(e["step"])
+        total_text = f"{total * 1000:6.0f} ms until committed" if total is not None else "never finished"
+        note = "  (first save of a process: buffers allocated, setup)" if i == 0 else ""
+        out.append(f"step {e['step']:>3}: blocked training {e['blocked_s'] * 1000:6.1f} ms, {total_text}{note}")
     return out
 
 

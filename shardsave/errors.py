@@ -36,6 +36,37 @@ class FormatError(CorruptionError):
     """The index or a table of contents is malformed, or of a format version we cannot read."""
 
 
+class LimitExceededError(ShardsaveError, ValueError):
+    """A checkpoint declares more than a safety limit allows (bytes to allocate, table rows).
+
+    Untrusted checkpoints must not be able to exhaust memory or CPU by what they declare,
+    so readers refuse before allocating; a genuine checkpoint over a limit loads once the
+    knob the message names is raised.
+    """
+
+
+class EncryptionError(ShardsaveError, ValueError):
+    """Encryption at rest: a bad key, a key that does not fit the checkpoint, or a
+    checkpoint that is not encrypted although a key was given."""
+
+
+class KeyRequiredError(EncryptionError):
+    """The checkpoint is encrypted and no ``encryption_key`` was given."""
+
+
+class WrongKeyError(EncryptionError):
+    """The given key is not the one the checkpoint was saved with (its key id differs)."""
+
+
+class AuthenticationError(EncryptionError, CorruptionError):
+    """Authenticated data (the index, a table of contents, a chunk) fails its MAC or tag:
+    the checkpoint was tampered with, or corrupted in a way a checksum did not catch."""
+
+
+class FaultInjectedError(ShardsaveError, OSError):
+    """A failure injected on purpose by :mod:`shardsave.faults` (tests and CI only)."""
+
+
 class CodecError(ShardsaveError, ValueError):
     """An unknown codec descriptor, or a chunk its codec cannot decode."""
 

@@ -25,6 +25,10 @@ _DEFAULTS: dict[str, int | float] = {
     "ZSTD_LEVEL": 1,
     # "auto" keeps a compressed stream only if it is at most this fraction of its input.
     "MIN_COMPRESSION_GAIN": 0.97,
+    # 1: while a data file is streamed, ask the OS to start writing each chunk back to the
+    # device right after it is written, so the disk works while later chunks are encoded and
+    # the final fsync waits only for the tail (0 disables; durability never depends on it).
+    "EARLY_WRITEBACK": 1,
     # Seconds a checkpoint collective waits for a peer before reporting it lost.
     "COLLECTIVE_TIMEOUT_S": 300.0,
     # Byte gap under which two ranged reads of one file are merged into one request.
@@ -36,7 +40,23 @@ _DEFAULTS: dict[str, int | float] = {
     "STORAGE_RETRY_BASE_S": 0.05,
     # Largest index.json accepted from storage (an untrusted index must not exhaust memory).
     "MAX_INDEX_BYTES": 512 * 1024 * 1024,
+    # Largest table of contents accepted from a data file (48 bytes per chunk: ~5.6 M chunks).
+    "MAX_TOC_BYTES": 256 * 1024 * 1024,
+    # Largest total of bytes one load may allocate for what a checkpoint declares (load_full's
+    # tensors, decode buffers). 0: the machine's physical memory -- a checkpoint declaring
+    # more could not be loaded into it anyway, and a lying index must not try.
+    "MAX_LOAD_BYTES": 0,
+    # Permissions of the files and directories a save creates on local filesystems (the
+    # umask still applies). Owner-only by default: checkpoints hold a model's weights. In the
+    # environment, write them in octal: SHARDSAVE_FILE_MODE=640.
+    "FILE_MODE": 0o600,
+    "DIR_MODE": 0o700,
+    # A commit claim older than this is presumed left by a crashed save and may be broken.
+    "CLAIM_STALE_S": 600.0,
 }
+
+# Knobs whose environment value is written in octal (file modes), e.g. "640" or "0o640".
+_OCTAL = frozenset({"FILE_MODE", "DIR_MODE"})
 
 _overrides: dict[str, int | float] = {}
 
@@ -49,6 +69,8 @@ def _get(name: str) -> int | float:
     if raw is None:
         return default
     try:
+        if name in _OCTAL:
+            return int(raw.strip().lower().removeprefix("0o"), 8)
         return type(default)(raw)
     except ValueError as exc:
         raise ValueError(
@@ -87,6 +109,10 @@ def min_compression_gain() -> float:
     return get_float("MIN_COMPRESSION_GAIN")
 
 
+def early_writeback() -> bool:
+    return get_int("EARLY_WRITEBACK") != 0
+
+
 def collective_timeout_s() -> float:
     return get_float("COLLECTIVE_TIMEOUT_S")
 
@@ -109,6 +135,33 @@ def storage_retry_base_s() -> float:
 
 def max_index_bytes() -> int:
     return get_int("MAX_INDEX_BYTES")
+
+
+def max_toc_bytes() -> int:
+    return get_int("MAX_TOC_BYTES")
+
+
+def max_load_bytes() -> int:
+    """The MAX_LOAD_BYTES knob, with 0 resolved to the machine's physical memory."""
+    value = get_int("MAX_LOAD_BYTES")
+    if value > 0:
+        return value
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): a generous fixed cap
+        return 64 * 1024**3
+
+
+def file_mode() -> int:
+    return get_int("FILE_MODE") & 0o7777
+
+
+def dir_mode() -> int:
+    return get_int("DIR_MODE") & 0o7777
+
+
+def claim_stale_s() -> float:
+    return get_float("CLAIM_STALE_S")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ In-place load, on each rank:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from shardsave.plan.dtypes import numpy_dtype
 from shardsave.plan.flatten import Leaf, PerRank, flatten, unflatten
 from shardsave.plan.layout import ShardedLayout
 from shardsave.plan.load_plan import Region, plan_reads
+from shardsave.plan.rename import Rename, matches, rename_keys, renamed_path, renamed_root
 from shardsave.storage import Storage
 
 
@@ -112,19 +113,25 @@ def _whole(shape: tuple[int, ...]) -> list[Region]:
 
 
 def _match(
-    leaves: list[Leaf], info: CheckpointInfo, rank: int
+    leaves: list[Leaf], info: CheckpointInfo, rank: int, by_key: dict[str, int] | None = None
 ) -> tuple[list[_Target], list[tuple[Leaf, Entry]], LoadResult]:
-    """Pair targets with entries; the rest is reported."""
+    """Pair targets with entries; the rest is reported.
+
+    ``by_key`` maps target keys to entry indices (after renaming and key filters); by
+    default every entry under its own key.
+    """
+    if by_key is None:
+        by_key = {e.key: i for i, e in enumerate(info.entries)}
     result = LoadResult()
     targets: list[_Target] = []
     json_sets: list[tuple[Leaf, Entry]] = []
     seen: set[str] = set()
     for leaf in leaves:
-        try:
-            idx = info.entry_index(leaf.key)
-        except KeyError:
+        idx_or_none = by_key.get(leaf.key)
+        if idx_or_none is None:
             result.missing.append(leaf.key)
             continue
+        idx = idx_or_none
         seen.add(leaf.key)
         e = info.entries[idx]
         tkind = kind_of(leaf.value)
@@ -161,7 +168,7 @@ def _match(
             )
             continue
         targets.append(_target_for(leaf, idx, rank, e, dtype, shape))
-    result.unexpected = [e.key for e in info.entries if e.key not in seen]
+    result.unexpected = [k for k in by_key if k not in seen]
     return targets, json_sets, result
 
 
@@ -253,12 +260,21 @@ def load(
     process_group: Any = None,
     strict: bool = True,
     storage_options: dict[str, Any] | None = None,
+    keys: list[str] | None = None,
+    rename: Rename = None,
 ) -> LoadResult:
     """Load a checkpoint into ``state_dict`` in place, resharding onto the targets' layout.
 
     Tensors (plain or DTensor) are filled in place; numpy arrays in place when writable;
     bytes and JSON values are replaced in their containers. Collective over
     ``process_group`` when torch.distributed is initialised.
+
+    ``keys`` loads only the target keys equal to or under these prefixes (``["model"]``:
+    weights now, ``["optim"]`` later) and reads only their bytes; the rest of the target
+    and of the checkpoint is neither missing nor unexpected. ``rename`` maps checkpoint
+    keys to target keys before matching: a callable (None drops a key), a dict of key
+    prefixes (``{"model.module": "model"}``) or ``ss.strip_wrappers`` for DDP's
+    ``module.`` and torch.compile's ``_orig_mod.`` (see :mod:`shardsave.plan.rename`).
     """
     comm = Comm(process_group)
     storage = Storage.from_url(path, storage_options)
@@ -281,7 +297,7 @@ def load(
     error: BaseException | None = None
     result = LoadResult()
     try:
-        result = _load_local(state_dict, ckpt, storage, comm.rank, strict)
+        result = _load_local(state_dict, ckpt, storage, comm.rank, strict, keys=keys, rename=rename)
     except Exception as exc:
         error = exc
     # 4. (all ranks) a failure anywhere fails the load everywhere.
@@ -294,15 +310,29 @@ def load(
     return result
 
 
-def _load_local(state_dict: Any, ckpt: CheckpointInfo, storage: Storage, rank: int, strict: bool) -> LoadResult:
-    leaves = flatten(state_dict)
-    targets, json_sets, result = _match(leaves, ckpt, rank)
+def _load_local(
+    state_dict: Any,
+    ckpt: CheckpointInfo,
+    storage: Storage,
+    rank: int,
+    strict: bool,
+    *,
+    keys: list[str] | None = None,
+    rename: Rename = None,
+) -> LoadResult:
+    _check_keys(keys)
+    leaves = [leaf for leaf in flatten(state_dict) if matches(leaf.key, keys)]
+    by_key = {k: i for k, i in rename_keys(ckpt.keys, rename).items() if matches(k, keys)}
+    targets, json_sets, result = _match(leaves, ckpt, rank, by_key)
+    if keys is not None:
+        result.missing += [f"{k} (the keys filter selects nothing)" for k in keys
+                           if not any(matches(x, [k]) for x in by_key) and not any(matches(x.key, [k]) for x in leaves)]
     if strict and (result.missing or result.unexpected or result.mismatched):
         raise _mismatch_error(result, storage.url)
     requests = [(t.entry_index, t.rank, t.regions) for t in targets]
     reads = plan_reads(ckpt, requests)
     with torch.no_grad():
-        execute_reads(storage, ckpt, reads, [t.local for t in targets], [t.dtype for t in targets])
+        _reads_of_index(storage, ckpt, reads, [t.local for t in targets], [t.dtype for t in targets])
     for t in targets:
         if t.assign is not None:
             t.assign()
@@ -311,10 +341,31 @@ def _load_local(state_dict: Any, ckpt: CheckpointInfo, storage: Storage, rank: i
     return result
 
 
-def _matches(key: str, keys: list[str] | None) -> bool:
-    if keys is None:
-        return True
-    return any(key == k or key.startswith(k + ".") for k in keys)
+def _check_keys(keys: Any) -> None:
+    if keys is not None and (isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys)):
+        raise TypeError(f"keys must be a list of non-empty key prefixes such as ['model'], got {keys!r}")
+
+
+def _reads_of_index(
+    storage: Storage, ckpt: CheckpointInfo, reads: Any, targets: list[torch.Tensor], dtypes: list[str],
+    **kwargs: Any,
+) -> None:
+    """``execute_reads``, turning a data file that vanished after the index was read into
+    an error that says what happened and what to do.
+
+    The index is read once and names data files by save id; an overwrite writes new files
+    and deletes the old ones only after its new index is in place, and ``gc`` deletes files
+    no index names. So a file missing here was deleted while this load ran: loading on
+    would mix checkpoints, and retrying reads the new index.
+    """
+    try:
+        execute_reads(storage, ckpt, reads, targets, dtypes, **kwargs)
+    except MissingFileError as exc:
+        raise MissingFileError(
+            f"{exc}\n  the checkpoint at {storage.url} changed while loading: a data file of save "
+            f"{ckpt.save_id} vanished (overwritten or garbage-collected after the index was read); "
+            "nothing from another save was used -- retry the load to read the current checkpoint"
+        ) from exc
 
 
 def load_full(
@@ -322,22 +373,32 @@ def load_full(
     keys: list[str] | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
+    rename: Rename = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into one process as plain full values (no process group needed).
 
     Tensors come back as full CPU tensors, numpy arrays as arrays, bytes as bytes, JSON
     values as saved (tuples as lists). A ``ss.PerRank`` value comes back as a list indexed
     by saved rank. ``keys`` selects entries by key or key prefix (``["model"]``) and
-    reads only their bytes.
+    reads only their bytes. ``rename`` maps checkpoint keys to the keys (and nesting) of
+    the result, as for ``ss.load``; ``keys`` then selects among the renamed keys.
+    ``dtype`` casts floating-point tensors (integer and bool tensors, such as step
+    counters, keep theirs); ``device`` moves tensors there (e.g. ``"cuda"``).
     """
+    _check_keys(keys)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     storage = Storage.from_url(path, storage_options)
     ckpt = read_index(storage)
+    names = {i: k for k, i in rename_keys(ckpt.keys, rename).items()}
     if keys is not None:
-        unknown = [k for k in keys if not any(_matches(e.key, [k]) for e in ckpt.entries)]
+        unknown = [k for k in keys if not any(matches(n, [k]) for n in names.values())]
         if unknown:
             raise StateDictMismatchError(
                 f"{storage.url} holds no key matching {unknown}; its keys start with "
-                f"{sorted({e.key.split('.')[0] for e in ckpt.entries})[:20]}",
+                f"{sorted({n.split('.')[0] for n in names.values()})[:20]}",
                 missing=unknown,
             )
     outputs: list[tuple[tuple[PathComponent, ...], Entry, torch.Tensor | None, Any]] = []
@@ -345,8 +406,13 @@ def load_full(
     targets: list[torch.Tensor] = []
     dtypes: list[str] = []
     for idx, e in enumerate(ckpt.entries):
-        if not _matches(e.key, keys):
+        name = names.get(idx)
+        if name is None or not matches(name, keys):
             continue
+        if name != e.key:
+            new_path = renamed_path(e.path, name)
+            root = None if e.per_rank_root is None else renamed_root(e.path, new_path, e.per_rank_root)
+            e = replace(e, key=name, path=new_path, per_rank_root=root)
         ranks = range(ckpt.world_size) if e.is_per_rank else [0]
         for r in ranks:
             p = _full_path(e, r)
@@ -354,19 +420,31 @@ def load_full(
                 if not e.is_per_rank or e.per_rank[r] is not None:
                     outputs.append((p, e, None, _json_value(e, r)))
                 continue
-            dtype, shape = _entry_dtype(e, r)
-            if dtype is None or shape is None:
+            stored, shape = _entry_dtype(e, r)
+            if stored is None or shape is None:
                 continue
-            t = torch.empty(shape, dtype=torch_dtype(dtype))
+            t = torch.empty(shape, dtype=torch_dtype(stored))
             requests.append((idx, r, _whole(shape)))
             targets.append(t)
-            dtypes.append(dtype)
+            dtypes.append(stored)
             outputs.append((p, e, t, None))
     reads = plan_reads(ckpt, requests)
-    execute_reads(storage, ckpt, reads, targets, dtypes)
+    _reads_of_index(storage, ckpt, reads, targets, dtypes)
     return unflatten(
-        (p, _as_kind(e.kind, t) if t is not None and e.kind in DATA_KINDS else v) for p, e, t, v in outputs
+        (p, _as_kind(e.kind, _convert(t, e.kind, dtype, device)) if t is not None and e.kind in DATA_KINDS else v)
+        for p, e, t, v in outputs
     )
+
+
+def _convert(t: torch.Tensor, kind: str, dtype: torch.dtype | None, device: str | torch.device | None) -> torch.Tensor:
+    """``load_full``'s dtype/device, for tensor entries only (numpy and bytes stay on the host)."""
+    if kind != "tensor":
+        return t
+    if dtype is not None and t.dtype.is_floating_point and t.dtype != dtype:
+        t = t.to(dtype)
+    if device is not None:
+        t = t.to(device)
+    return t
 
 
 def _full_path(e: Entry, rank: int) -> tuple[PathComponent, ...]:

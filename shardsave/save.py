@@ -12,10 +12,20 @@ Protocol (each step says which ranks run it):
 4. (all ranks) write their own data file: chunks, table of contents, fsync.
 5. (all ranks -> coordinator) gather the file records or failures.
 6. (coordinator) only if every rank succeeded: write ``index.json`` atomically (temporary
-   name + rename locally, one PUT on object stores). Then, for an overwrite, delete the old
-   save's data files -- never before, so some complete checkpoint loads at every moment.
+   name + rename locally, one PUT on object stores), under a commit claim so that of two
+   jobs saving to the same path at once one commits and the other fails
+   (``shardsave.claim``). Then, for an overwrite, delete the old save's data files --
+   never before, so some complete checkpoint loads at every moment.
 7. (coordinator -> all ranks) broadcast the outcome; all return the CheckpointInfo or all
    raise CheckpointError carrying every rank's failure.
+
+Encryption (``encryption_key``): ranks check in step 2 that they hold the same key (by its
+key id); the coordinator draws the save's salt in step 2; every rank derives the save's
+keys in step 4 and encrypts its chunks; the index is MACed in step 6 (``shardsave.crypto``).
+
+Fault points (``shardsave.faults``) mark the moments crash tests kill a rank at:
+``after-plan``, ``mid-data-write``, ``after-data``, ``mid-index-write``, ``after-rename``,
+``mid-cleanup``.
 """
 
 from __future__ import annotations
@@ -31,7 +41,9 @@ from typing import Any
 import numpy as np
 
 from shardsave import knobs
+from shardsave.claim import commit_claim, index_base
 from shardsave.codec import CODEC_DESCRIPTORS, checksum, validate_codec_name
+from shardsave.crypto import SaveCipher, check_key, key_id, new_salt
 from shardsave.dist.comm import Comm, describe_error, hostname
 from shardsave.dist.values import DTensorInfo, describe, plain_tensor
 from shardsave.errors import (
@@ -40,6 +52,7 @@ from shardsave.errors import (
     ShardsaveError,
     UnsupportedValueError,
 )
+from shardsave.faults import fault_point
 from shardsave.format.index import FORMAT_VERSION, CheckpointInfo, FileInfo, index_to_json
 from shardsave.format.names import INDEX_NAME, data_file_name, new_save_id
 from shardsave.pipeline.write import PieceWrite, write_rank_file
@@ -59,6 +72,10 @@ class _Decision:
     environment: dict[str, Any] | None = None
     exists: str | None = None
     """Set when the only problem is a committed checkpoint at the path (no overwrite)."""
+    base: str = "none"
+    """The save id the index named at planning (``none``): the commit claim's base."""
+    salt: bytes | None = None
+    """Encrypted saves: the random salt of this save's key derivation."""
 
 
 def _environment(hostnames: list[str], world_size: int) -> dict[str, Any]:
@@ -144,6 +161,7 @@ def save(
     metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    encryption_key: bytes | None = None,
 ) -> CheckpointInfo:
     """Save ``state_dict`` to ``path`` (any fsspec URL) from every rank of the group.
 
@@ -151,6 +169,10 @@ def save(
     process without torch.distributed) must call it with the same ``path`` and options.
     Returns the committed CheckpointInfo on every rank; raises CheckpointError on every
     rank if any rank failed, in which case no index was written.
+
+    ``encryption_key`` (32 bytes, the same on every rank) encrypts every chunk with
+    AES-256-GCM and authenticates the index and tables of contents (``shardsave.crypto``);
+    loading then needs the same key.
     """
     from shardsave.asyncsave import wait_for_pending_save
 
@@ -161,7 +183,8 @@ def save(
     metadata = _check_metadata(metadata)
     comm = Comm(process_group)
     storage = Storage.from_url(path, storage_options)
-    return _save(state_dict, storage, comm, codec=codec, metadata=metadata, overwrite=overwrite)
+    return _save(state_dict, storage, comm, codec=codec, metadata=metadata, overwrite=overwrite,
+                 encryption_key=encryption_key)
 
 
 def _save(
@@ -172,6 +195,7 @@ def _save(
     codec: str,
     metadata: dict[str, Any],
     overwrite: bool,
+    encryption_key: bytes | None = None,
 ) -> CheckpointInfo:
     chunk_bytes = knobs.chunk_bytes()
 
@@ -180,22 +204,32 @@ def _save(
     leaves: list[Leaf] = []
     dinfos: dict[str, DTensorInfo] = {}
     rank_plan = RankPlan("", None, ())
+    key: bytes | None = None
+    kid: str | None = None
     try:
+        if encryption_key is not None:
+            key = check_key(encryption_key)
+            kid = key_id(key)
         leaves, metas, dinfos = prepare(state_dict, comm)
         rank_plan = make_rank_plan(metas)
     except Exception as exc:
         error = describe_error(exc)
 
     # 2. (all ranks) ranks whose leaf descriptions hash like the coordinator's send only
-    # their checksums and per-rank values; the coordinator decides.
-    coordinator_sig = comm.broadcast(rank_plan.signature if comm.is_coordinator else None, "broadcast signature")
+    # their checksums and per-rank values; the coordinator decides. The coordinator's key id
+    # rides along: a rank holding another key would write chunks nobody could decrypt.
+    coordinator_sig, coordinator_kid = comm.broadcast(
+        (rank_plan.signature, kid) if comm.is_coordinator else None, "broadcast signature")
     if comm.rank != comm.coordinator and rank_plan.signature == coordinator_sig:
         rank_plan = replace(rank_plan, shared=None)
+    if error is None and kid != coordinator_kid:
+        error = (f"encryption key differs from the coordinator's (key id {kid}, coordinator's {coordinator_kid}); "
+                 "pass the same encryption_key on every rank")
     gathered = comm.gather((rank_plan, error, hostname()), "gather save plans")
     decision: _Decision | None = None
     if comm.is_coordinator:
         assert gathered is not None
-        decision = _decide(gathered, storage, overwrite)
+        decision = _decide(gathered, storage, overwrite, encrypted=key is not None)
     # 3. (coordinator -> all ranks)
     decision = comm.broadcast(decision, "broadcast save plan")
     if decision.exists is not None:
@@ -205,16 +239,22 @@ def _save(
             f"save to {storage.url} failed before writing anything (nothing was written):", decision.failures
         )
     plan = decision.plan
+    fault_point("after-plan")
 
     # 4. (all ranks) write this rank's data file.
     file_info: FileInfo | None = None
     error = None
     name = data_file_name(decision.save_id, comm.rank)
+    cipher: SaveCipher | None = None
     try:
+        if key is not None:
+            assert decision.salt is not None
+            cipher = SaveCipher(key, decision.save_id, decision.salt)
         pieces = pieces_for_rank(plan, comm.rank, leaves, dinfos)
         codec_ids = {d: i for i, d in enumerate(CODEC_DESCRIPTORS)}
         file_info, _raw = write_rank_file(storage, name, comm.rank, pieces, codec=codec, codec_ids=codec_ids,
-                                          chunk_bytes=chunk_bytes)
+                                          chunk_bytes=chunk_bytes, cipher=cipher)
+        fault_point("after-data")
     except Exception as exc:
         error = describe_error(exc)
 
@@ -225,7 +265,7 @@ def _save(
     outcome: tuple[CheckpointInfo | None, dict[int, str]] | None = None
     if comm.is_coordinator:
         assert results is not None
-        outcome = _commit(storage, decision, plan, results, comm.world_size, metadata, chunk_bytes)
+        outcome = _commit(storage, decision, plan, results, comm.world_size, metadata, chunk_bytes, cipher)
     # 7. (coordinator -> all ranks)
     outcome = comm.broadcast(outcome, "broadcast commit outcome")
     info, failures = outcome
@@ -234,7 +274,9 @@ def _save(
     return replace(info, path=storage.url)
 
 
-def _decide(gathered: list[tuple[RankPlan, str | None, str]], storage: Storage, overwrite: bool) -> _Decision:
+def _decide(
+    gathered: list[tuple[RankPlan, str | None, str]], storage: Storage, overwrite: bool, *, encrypted: bool = False
+) -> _Decision:
     failures = {r: err for r, (_, err, _) in enumerate(gathered) if err}
     save_id = new_save_id()
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -245,7 +287,8 @@ def _decide(gathered: list[tuple[RankPlan, str | None, str]], storage: Storage, 
         return _Decision(None, save_id, failures)
     old_files: tuple[str, ...] = ()
     try:
-        if storage.exists(INDEX_NAME):
+        base = index_base(storage)
+        if base != "none":
             if not overwrite:
                 return _Decision(None, save_id, {}, exists=(
                     f"{storage.full_path(INDEX_NAME)} already holds a committed checkpoint; "
@@ -262,7 +305,8 @@ def _decide(gathered: list[tuple[RankPlan, str | None, str]], storage: Storage, 
     except Exception as exc:
         return _Decision(None, save_id, {0: describe_error(exc)})
     environment = _environment([h for _, _, h in gathered], len(gathered))
-    return _Decision(plan, save_id, {}, old_files, created, environment)
+    return _Decision(plan, save_id, {}, old_files, created, environment, base=base,
+                     salt=new_salt() if encrypted else None)
 
 
 def _commit(
@@ -273,6 +317,7 @@ def _commit(
     world_size: int,
     metadata: dict[str, Any],
     chunk_bytes: int,
+    cipher: SaveCipher | None = None,
 ) -> tuple[CheckpointInfo | None, dict[int, str]]:
     failures = {r: err for r, (_, err) in enumerate(results) if err}
     files = [f for f, _ in results if f is not None]
@@ -292,16 +337,23 @@ def _commit(
         metadata=metadata,
         environment=decision.environment or {},
         format_version=FORMAT_VERSION,
+        encryption=cipher.record() if cipher is not None else None,
     )
     try:
-        # The commit point: before this line nothing is visible, after it everything is.
-        storage.write_atomic(INDEX_NAME, index_to_json(info))
+        blob = index_to_json(info, mac=cipher.index_mac if cipher is not None else None)
+        # Conditional on the index still being the one planned against (shardsave.claim).
+        with commit_claim(storage, decision.base, decision.save_id):
+            # The commit point: before this line nothing is visible, after it everything is.
+            storage.write_atomic(INDEX_NAME, blob)
     except Exception as exc:
-        storage.remove([f.name for f in files])
+        with contextlib.suppress(Exception):  # best effort, as above
+            storage.remove([f.name for f in files])
         return None, {0: describe_error(exc)}
     # Only now may the replaced checkpoint's data go: the new index no longer names it.
     stale = [n for n in decision.old_files if n not in {f.name for f in files}]
     if stale:
         with contextlib.suppress(Exception):  # leftovers are harmless; `gc` removes them
-            storage.remove(stale)
+            storage.remove(stale[:1])
+            fault_point("mid-cleanup")
+            storage.remove(stale[1:])
     return info, {}

@@ -71,6 +71,10 @@ def _pieces(info: CheckpointInfo, idx: int, e: Entry) -> Any:
     if e.layout.type == "replicated":
         yield e.layout.writer, 0, e.shape, e.dtype
         return
+    if e.layout.type == "boxes":
+        for i, (_, size, writer) in enumerate(e.layout.pieces):
+            yield writer, i, size, e.dtype
+        return
     layout = resolve(e.layout, e.shape, info.meshes)
     per_dim = [
         [(s, int(ln)) for s, ln in enumerate(c.lengths.reshape(-1)) if ln > 0 or c.lengths.size == 1]

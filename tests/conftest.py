@@ -20,3 +20,6 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# The S3 test server (moto's server mode, in-process): fixtures s3_server and s3_bucket.
+from s3_server import s3_bucket, s3_server  # noqa: E402,F401

@@ -18,6 +18,9 @@ import time
 INDEX_NAME = "index.json"
 DATA_DIR = "data"
 TMP_INFIX = ".tmp-"
+CLAIM_PREFIX = ".commit-claim-"
+"""``<path>/.commit-claim-<base>``: held for the instant a save commits on top of ``base``
+(the save id the index named when the save started, or ``none``); see ``shardsave.claim``."""
 
 _SAVE_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
 _DATA_FILE_RE = re.compile(r"^data/(?P<save_id>[0-9]{8}T[0-9]{6}-[0-9a-f]{8})-r(?P<rank>[0-9]+)\.bin$")
@@ -30,6 +33,11 @@ def new_save_id() -> str:
 
 def is_save_id(text: str) -> bool:
     return bool(_SAVE_ID_RE.match(text))
+
+
+def claim_name(base: str) -> str:
+    """Name of the commit claim for saves based on ``base`` (a save id, ``none``, or a digest)."""
+    return f"{CLAIM_PREFIX}{base}"
 
 
 def data_file_name(save_id: str, rank: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shardsave.errors import FormatError
 from shardsave.format.dtypes import itemsize_of
 from shardsave.format.index import CheckpointInfo, Entry
 from shardsave.plan.chunking import chunks_overlapping
@@ -64,6 +65,9 @@ def stored_pieces(info: CheckpointInfo, entry_index: int, box: Box, rank: int) -
     assert e.shape is not None
     if e.layout.type == "replicated":
         return [(0, ((0,) * len(e.shape), e.shape), e.layout.writer)]
+    if e.layout.type == "boxes":  # listed one by one: a scan (writers such as DCP's cut few)
+        return [(i, (off, size), w) for i, (off, size, w) in enumerate(e.layout.pieces)
+                if 0 not in size and intersect((off, size), box) is not None]
     layout = resolve(e.layout, e.shape, info.meshes)
     return [
         (layout.piece_id(slots), pbox, layout.writer_rank(entry_index, slots))
@@ -83,10 +87,15 @@ def _dtype_of(e: Entry, rank: int) -> str:
 def plan_reads(
     info: CheckpointInfo,
     requests: list[tuple[int, int, list[Region]]],
+    *,
+    max_reads: int | None = None,
 ) -> list[ChunkRead]:
     """Chunk reads for targets given as (entry index, saved rank for per-rank entries, regions).
 
-    Target ids in the returned copies are positions in ``requests``.
+    Target ids in the returned copies are positions in ``requests``. ``max_reads`` bounds
+    the distinct chunks planned (FormatError past it): each must be a row of some table of
+    contents, so a reader that has read the tables passes their row count, and an index
+    declaring absurd shapes or a tiny ``chunk_bytes`` cannot make planning run for hours.
     """
     reads: dict[tuple[int, int, int, int], ChunkRead] = {}
     for target_id, (entry_index, rank, regions) in enumerate(requests):
@@ -108,6 +117,11 @@ def plan_reads(
                     key = (entry_index, file_rank, piece, cid)
                     cr = reads.get(key)
                     if cr is None:
+                        if max_reads is not None and len(reads) >= max_reads:
+                            raise FormatError(
+                                f"{info.path or 'index.json'}: the index implies more chunks than the data files' "
+                                f"tables of contents list ({max_reads}); the index is corrupt or forged"
+                            )
                         cr = reads[key] = ChunkRead(entry_index, piece, cid, file_rank, cbox[1])
                     cr.copies.append(Copy(target_id, src, dst))
     return list(reads.values())

@@ -235,9 +235,18 @@ class Storage:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         # Read at most one byte past the limit: one request, and never a huge one.
-        data = call_with_retry(
-            lambda: self.fs.cat_file(path, 0, max_bytes + 1), op="read", path=full
-        )
+        def read() -> bytes:
+            try:
+                return bytes(self.fs.cat_file(path, start=0, end=max_bytes + 1))
+            except FileNotFoundError:
+                raise
+            except OSError:
+                # S3 answers a ranged GET of an empty object with 416 (InvalidRange).
+                if self._size_or_none(path) == 0:
+                    return b""
+                raise
+
+        data = call_with_retry(read, op="read", path=full)
         if len(data) > max_bytes:
             raise self._too_large(full, max_bytes, self._size_or_none(path))
         return bytes(data)
@@ -265,7 +274,7 @@ class Storage:
             return self._empty_range(name, start)
 
         def read() -> bytes:
-            return bytes(self.fs.cat_file(path, start, end))
+            return bytes(self.fs.cat_file(path, start=start, end=end))
 
         data = call_with_retry(read, op=f"read [{start}, {end}) of", path=full)
         return check_length(data, path=full, start=start, end=end)

@@ -18,8 +18,12 @@ A failed fsync is never retried on the same file: after a writeback error Linux 
 dirty pages and report success on the next fsync ("fsyncgate"). Positional writes are
 retried, since repeating ``pwrite`` at the same offset is harmless.
 
-Every file and directory is created by :func:`_create_file` / :func:`_makedirs`, so that
-owner-only permissions (0600/0700) can later be set in one place.
+Every file and directory is created by :func:`_create_file` / :func:`_makedirs`, with
+the modes of ``knobs.file_mode()`` / ``knobs.dir_mode()``: owner-only (0600/0700) by
+default, because a checkpoint holds a model's weights and often its training data's
+traces; the umask still applies on top. Existing directories (the root a user made) keep
+their mode. The generic fsspec path (object stores) has no modes: use the store's access
+control there.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 
 from shardsave import knobs
 from shardsave.errors import StorageError
+from shardsave.faults import fault_point
 from shardsave.storage.base import Storage, check_length, check_range
 from shardsave.storage.retry import call_with_retry
 from shardsave.storage.writer import Buffer, DataWriter, as_byte_view
@@ -44,10 +49,6 @@ __all__ = ["TMP_INFIX", "LocalStorage", "LocalWriter"]
 
 TMP_INFIX = ".tmp-"
 """``write_atomic`` stages ``<name>.tmp-<uuid hex>``; a crash can leave one behind."""
-
-# Default permissions (the umask applies). The one place to tighten them later.
-_FILE_MODE = 0o666
-_DIR_MODE = 0o777
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -60,8 +61,9 @@ _MAX_IO = 1 << 30
 
 
 def _create_file(path: str) -> int:
-    """Create a new file for writing; ``FileExistsError`` if it exists."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, _FILE_MODE)
+    """Create a new file for writing (mode ``knobs.file_mode()``, less the umask);
+    ``FileExistsError`` if it exists."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, knobs.file_mode())
 
 
 def _open_read(path: str) -> int:
@@ -87,14 +89,15 @@ def fsync_dir(path: str) -> None:
 
 
 def _makedirs(path: str) -> None:
-    """``mkdir -p`` that fsyncs each new directory into its parent."""
+    """``mkdir -p`` that fsyncs each new directory into its parent; new directories get
+    ``knobs.dir_mode()`` (less the umask)."""
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path)
     if parent and parent != path:
         _makedirs(parent)
     try:
-        os.mkdir(path, _DIR_MODE)
+        os.mkdir(path, knobs.dir_mode())
     except FileExistsError:
         if os.path.isdir(path):
             return  # another rank made it first
@@ -166,6 +169,20 @@ class LocalWriter(DataWriter):
 
     def tell(self) -> int:
         return self._offset
+
+    def start_writeback(self, start: int, end: int) -> None:
+        """Hint: start writing bytes [start, end) back to the device now, without waiting.
+
+        A streaming writer calls this after each large write, so the disk works while the
+        caller prepares the next one and the fsync in :meth:`close` only waits for the tail.
+        ``posix_fadvise(DONTNEED)`` starts asynchronous writeback of the range's dirty pages
+        (Linux: ``WB_SYNC_NONE``) and drops those already clean; it never makes anything
+        durable by itself and failures are ignored -- :meth:`close` still fsyncs.
+        """
+        if self._closed or end <= start or not hasattr(os, "posix_fadvise"):
+            return
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def close(self, *, durable: bool = True) -> int:
         if self._closed:
@@ -366,7 +383,10 @@ class LocalStorage(Storage):
             fd = _create_file(tmp)
             try:
                 try:
-                    _write_all(fd, view, 0, tmp)
+                    half = view.nbytes // 2
+                    _write_all(fd, view[:half], 0, tmp)
+                    fault_point("mid-index-write")
+                    _write_all(fd, view[half:], half, tmp)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -375,6 +395,7 @@ class LocalStorage(Storage):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+            fault_point("after-rename")
             fsync_dir(parent)
 
         call_with_retry(commit, op="atomic write", path=path)

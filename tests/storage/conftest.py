@@ -42,12 +42,20 @@ def _fsspec_local(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     return Storage.from_filesystem(FlakyFS(LocalFileSystem()), str(tmp_path / "ckpt"))
 
 
+def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """A prefix of a fresh bucket on the in-process moto server (tests/s3_server.py)."""
+    bucket = request.getfixturevalue("s3_bucket")
+    return Storage.from_url(f"{bucket.url}/ckpt", bucket.storage_options)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
     "local": _local,
     "file-url": _file_url,
     "memory": _memory,
     # the generic fsspec path (as used for object stores) on a real local disk
     "fsspec-local": _fsspec_local,
+    # s3fs against moto's server mode on loopback: ranged GETs, multipart uploads, PUTs
+    "s3": _s3,
 }
 
 

@@ -26,7 +26,7 @@ def _write(storage: Storage, name: str, data: bytes) -> None:
 
 
 def test_identity(storage: Storage) -> None:
-    assert storage.protocol in ("file", "memory")
+    assert storage.protocol in ("file", "memory", "s3")
     assert storage.is_local == (type(storage).__name__ == "LocalStorage")
     assert storage.url
     full = storage.full_path("data/x.bin")

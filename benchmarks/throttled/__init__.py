@@ -1,0 +1,1 @@
+"""Benchmark scenario: see scenario.py."""

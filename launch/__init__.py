@@ -1,0 +1,1 @@
+"""Training launchers and the demo (run from the repository root: python -m launch.demo)."""
