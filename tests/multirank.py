@@ -240,7 +240,7 @@ def _collect(
     def read(rank: int) -> None:
         o = outcomes[rank]
         try:
-            kind, value = readers[rank].recv()
+            kind, value = pickle.loads(readers[rank].recv_bytes())
         except (EOFError, OSError):
             open_readers.discard(rank)  # closed without a message: judged at exit
             return
@@ -385,12 +385,15 @@ def _child_main(
         raise
     except BaseException:
         message = ("error", traceback.format_exc())
+    # Plain pickle, not the connection's ForkingPickler: torch registers reducers there that
+    # pass tensors through shared memory owned by this process, which exits right below.
     try:
-        conn.send(message)
+        payload = pickle.dumps(message)
     except Exception:  # an unpicklable result: say so instead of dying silently
         message = ("error", f"rank {rank}: result could not be pickled:\n"
                             f"{traceback.format_exc()}")
-        conn.send(message)
+        payload = pickle.dumps(message)
+    conn.send_bytes(payload)
     conn.close()
     if dist is not None and dist.is_initialized():
         with contextlib.suppress(Exception):
