@@ -188,6 +188,7 @@ def async_save(
     metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    encryption_key: bytes | None = None,
 ) -> AsyncSaveHandle:
     """Save ``state_dict`` to ``path`` in the background; return once it is staged in host memory.
 
@@ -197,7 +198,7 @@ def async_save(
     values they had during the call. See the module docstring for the protocol.
     """
     return start_async_save(state_dict, path, process_group=process_group, codec=codec, metadata=metadata,
-                            storage_options=storage_options, overwrite=overwrite)
+                            storage_options=storage_options, overwrite=overwrite, encryption_key=encryption_key)
 
 
 def start_async_save(
@@ -209,6 +210,7 @@ def start_async_save(
     metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    encryption_key: bytes | None = None,
     before: BeforeHook | None = None,
     after: AfterHook | None = None,
 ) -> AsyncSaveHandle:
@@ -250,7 +252,8 @@ def start_async_save(
 
     def job() -> CheckpointInfo:
         _run_hook("before", before, comm, storage)
-        info = _save(staged, storage, comm, codec=codec, metadata=checked, overwrite=overwrite)
+        info = _save(staged, storage, comm, codec=codec, metadata=checked, overwrite=overwrite,
+                     encryption_key=encryption_key)
         _run_hook("after", after, comm, storage, info)
         return info
 

@@ -23,6 +23,11 @@ Why this shape (docs/FORMAT.md, section 10 is the byte-level spec):
   (:class:`~shardsave.errors.WrongKeyError`) from a tampered checkpoint
   (:class:`~shardsave.errors.AuthenticationError`) before any chunk is read.
 
+Where the key comes from: the ``encryption_key=`` argument; when reading an encrypted
+checkpoint without one, the file named by the environment variable ``SHARDSAVE_KEY_FILE``
+(32 raw bytes or 64 hex digits) -- so the command line and tools that load on a user's
+behalf need no plumbing. Saves encrypt only when given a key explicitly.
+
 ``cryptography`` is needed only when a key is used (``pip install shardsave[encrypt]``).
 """
 
@@ -63,6 +68,7 @@ OVERHEAD = NONCE_BYTES + TAG_BYTES
 """Bytes an encrypted chunk adds: nonce in front, GCM tag behind."""
 SALT_BYTES = 16
 
+KEY_FILE_ENV = "SHARDSAVE_KEY_FILE"
 _KEY_ID_INFO = b"shardsave key id v1"
 _SAVE_KEYS_INFO = b"shardsave save keys v1\x00"
 _CHUNK_AAD = b"shardsave chunk v1\x00"
@@ -141,7 +147,7 @@ def load_key_file(path: str) -> bytes:
 
 def _view(data: Any) -> memoryview:
     if isinstance(data, np.ndarray):
-        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
     view = memoryview(data)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
@@ -180,7 +186,7 @@ class SaveCipher:
         aad = self._aad(entry, chunk, piece, raw_length, codec)
         into = getattr(self._aead, "encrypt_into", None)
         if into is not None:
-            into(nonce, src, aad, memoryview(out)[NONCE_BYTES:])
+            into(nonce, src, aad, out.data[NONCE_BYTES:])
         else:  # pragma: no cover - cryptography < 45
             out[NONCE_BYTES:] = np.frombuffer(self._aead.encrypt(nonce, bytes(src), aad), dtype=np.uint8)
         return out
@@ -204,7 +210,7 @@ class SaveCipher:
         try:
             into = getattr(self._aead, "decrypt_into", None)
             if into is not None:
-                into(nonce, src[NONCE_BYTES:], aad, memoryview(out).cast("B"))
+                into(nonce, src[NONCE_BYTES:], aad, out.reshape(-1).view(np.uint8).data)
             else:  # pragma: no cover - cryptography < 45
                 out[:] = np.frombuffer(self._aead.decrypt(nonce, bytes(src[NONCE_BYTES:]), aad), dtype=np.uint8)
         except Exception as exc:  # InvalidTag; nothing else is expected from these arguments
@@ -229,7 +235,8 @@ class SaveCipher:
 
 
 def open_index(data: bytes, info: CheckpointInfo, key: Any, *, where: str = "") -> SaveCipher | None:
-    """Check a parsed index against ``key`` (None: no key); the save's cipher, or None.
+    """Check a parsed index against ``key`` (None: no key, or the ``SHARDSAVE_KEY_FILE`` one
+    for an encrypted checkpoint); the save's cipher, or None.
 
     * encrypted, no key: :class:`KeyRequiredError`; a different key: :class:`WrongKeyError`;
       an index whose MAC fails: :class:`AuthenticationError` -- never a cipher for it;
@@ -248,6 +255,8 @@ def open_index(data: bytes, info: CheckpointInfo, key: Any, *, where: str = "") 
                 "it is trusted"
             )
         return None
+    if key is None and os.environ.get(KEY_FILE_ENV):
+        key = load_key_file(os.environ[KEY_FILE_ENV])
     if key is None:
         raise KeyRequiredError(
             f"{where} is encrypted ({enc.algorithm}, key id {enc.key_id}); pass encryption_key= (the 32-byte "

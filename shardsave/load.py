@@ -16,6 +16,9 @@ In-place load, on each rank:
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,23 +26,25 @@ import numpy as np
 import torch
 
 from shardsave import knobs
+from shardsave.crypto import SaveCipher, open_index
 from shardsave.dist.comm import Comm, describe_error
 from shardsave.dist.values import kind_of
 from shardsave.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    LimitExceededError,
     MissingFileError,
     ShardsaveError,
     StateDictMismatchError,
 )
-from shardsave.format.dtypes import dtype_name, torch_dtype
+from shardsave.format.dtypes import dtype_name, itemsize_of, torch_dtype
 from shardsave.format.index import DATA_KINDS, CheckpointInfo, Entry, PathComponent, index_from_json
 from shardsave.format.names import INDEX_NAME
-from shardsave.pipeline.read import execute_reads
+from shardsave.pipeline.read import execute_reads, prepare_reads
 from shardsave.plan.dtypes import numpy_dtype
 from shardsave.plan.flatten import Leaf, PerRank, flatten, unflatten
 from shardsave.plan.layout import ShardedLayout
-from shardsave.plan.load_plan import Region, plan_reads
+from shardsave.plan.load_plan import Region
 from shardsave.plan.rename import Rename, matches, rename_keys, renamed_path, renamed_root
 from shardsave.storage import Storage
 
@@ -57,15 +62,34 @@ class LoadResult:
 
 
 def read_index(storage: Storage) -> CheckpointInfo:
-    """Read and parse a committed index (CheckpointNotFoundError if there is none)."""
+    """Read and parse a committed index (CheckpointNotFoundError if there is none).
+
+    An encrypted checkpoint's index is parsed but not authenticated here (that needs the
+    key: :func:`open_checkpoint`); a plain one's digest is checked.
+    """
+    return index_from_json(_read_index_bytes(storage), path=storage.url)
+
+
+def _read_index_bytes(storage: Storage) -> bytes:
     try:
-        data = storage.read_bytes(INDEX_NAME, max_bytes=knobs.max_index_bytes())
+        return storage.read_bytes(INDEX_NAME, max_bytes=knobs.max_index_bytes())
     except MissingFileError:
         hint = " (data files exist: an interrupted or failed save)" if _has_data(storage) else ""
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {storage.url}: {INDEX_NAME} is missing{hint}"
         ) from None
-    return index_from_json(data, path=storage.url)
+
+
+def open_checkpoint(storage: Storage, encryption_key: bytes | None = None) -> tuple[CheckpointInfo, SaveCipher | None]:
+    """Read, parse and (encrypted checkpoints) authenticate the index with ``encryption_key``.
+
+    Returns the index and the save's cipher (None for a plain checkpoint); raises
+    KeyRequiredError / WrongKeyError / AuthenticationError, or EncryptionError for a plain
+    checkpoint opened with a key (see :func:`shardsave.crypto.open_index`).
+    """
+    data = _read_index_bytes(storage)
+    ckpt = index_from_json(data, path=storage.url)
+    return ckpt, open_index(data, ckpt, encryption_key)
 
 
 def _has_data(storage: Storage) -> bool:
@@ -75,9 +99,18 @@ def _has_data(storage: Storage) -> bool:
         return False
 
 
-def info(path: str, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
-    """The committed checkpoint's index, parsed."""
-    return read_index(Storage.from_url(path, storage_options))
+def info(path: str, *, storage_options: dict[str, Any] | None = None,
+         encryption_key: bytes | None = None) -> CheckpointInfo:
+    """The committed checkpoint's index, parsed.
+
+    An encrypted checkpoint's index is readable without the key (names, shapes and
+    metadata are not secret) but then unauthenticated; with ``encryption_key`` it is
+    authenticated first.
+    """
+    storage = Storage.from_url(path, storage_options)
+    if encryption_key is None:
+        return read_index(storage)
+    return open_checkpoint(storage, encryption_key)[0]
 
 
 def _entry_dtype(e: Entry, rank: int) -> tuple[str | None, tuple[int, ...] | None]:
@@ -173,7 +206,19 @@ def _match(
 
 
 def _fresh(e: Entry, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    check_allocation(math.prod(shape) * itemsize_of(dtype), f"key {e.key!r}")
     return torch.empty(shape, dtype=torch_dtype(dtype))
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """Refuse to allocate more than ``knobs.max_load_bytes()`` for what a checkpoint declares."""
+    limit = knobs.max_load_bytes()
+    if nbytes > limit:
+        raise LimitExceededError(
+            f"{what}: the checkpoint declares {nbytes} bytes to load, over the limit of {limit} "
+            "(SHARDSAVE_MAX_LOAD_BYTES; default: this machine's memory); load fewer keys, or raise the "
+            "limit if the checkpoint is genuine"
+        )
 
 
 def _as_kind(kind: str, t: torch.Tensor) -> Any:
@@ -262,6 +307,7 @@ def load(
     storage_options: dict[str, Any] | None = None,
     keys: list[str] | None = None,
     rename: Rename = None,
+    encryption_key: bytes | None = None,
 ) -> LoadResult:
     """Load a checkpoint into ``state_dict`` in place, resharding onto the targets' layout.
 
@@ -275,6 +321,9 @@ def load(
     keys to target keys before matching: a callable (None drops a key), a dict of key
     prefixes (``{"model.module": "model"}``) or ``ss.strip_wrappers`` for DDP's
     ``module.`` and torch.compile's ``_orig_mod.`` (see :mod:`shardsave.plan.rename`).
+
+    ``encryption_key``: the 32-byte key an encrypted checkpoint was saved with (a missing
+    or wrong key raises KeyRequiredError / WrongKeyError before any target is touched).
     """
     comm = Comm(process_group)
     storage = Storage.from_url(path, storage_options)
@@ -297,7 +346,9 @@ def load(
     error: BaseException | None = None
     result = LoadResult()
     try:
-        result = _load_local(state_dict, ckpt, storage, comm.rank, strict, keys=keys, rename=rename)
+        cipher = open_index(data, ckpt, encryption_key)
+        result = _load_local(state_dict, ckpt, storage, comm.rank, strict, keys=keys, rename=rename,
+                             cipher=cipher)
     except Exception as exc:
         error = exc
     # 4. (all ranks) a failure anywhere fails the load everywhere.
@@ -319,6 +370,7 @@ def _load_local(
     *,
     keys: list[str] | None = None,
     rename: Rename = None,
+    cipher: SaveCipher | None = None,
 ) -> LoadResult:
     _check_keys(keys)
     leaves = [leaf for leaf in flatten(state_dict) if matches(leaf.key, keys)]
@@ -330,9 +382,11 @@ def _load_local(
     if strict and (result.missing or result.unexpected or result.mismatched):
         raise _mismatch_error(result, storage.url)
     requests = [(t.entry_index, t.rank, t.regions) for t in targets]
-    reads = plan_reads(ckpt, requests)
+    with _data_files_must_stay(storage, ckpt):
+        reads, tocs, _ = prepare_reads(storage, ckpt, requests, cipher=cipher)
     with torch.no_grad():
-        _reads_of_index(storage, ckpt, reads, [t.local for t in targets], [t.dtype for t in targets])
+        _reads_of_index(storage, ckpt, reads, [t.local for t in targets], [t.dtype for t in targets],
+                        tocs=tocs, cipher=cipher)
     for t in targets:
         if t.assign is not None:
             t.assign()
@@ -350,8 +404,15 @@ def _reads_of_index(
     storage: Storage, ckpt: CheckpointInfo, reads: Any, targets: list[torch.Tensor], dtypes: list[str],
     **kwargs: Any,
 ) -> None:
-    """``execute_reads``, turning a data file that vanished after the index was read into
-    an error that says what happened and what to do.
+    """``execute_reads`` under :func:`_data_files_must_stay`."""
+    with _data_files_must_stay(storage, ckpt):
+        execute_reads(storage, ckpt, reads, targets, dtypes, **kwargs)
+
+
+@contextlib.contextmanager
+def _data_files_must_stay(storage: Storage, ckpt: CheckpointInfo) -> Iterator[None]:
+    """Turn a data file that vanished after the index was read into an error that says
+    what happened and what to do.
 
     The index is read once and names data files by save id; an overwrite writes new files
     and deletes the old ones only after its new index is in place, and ``gc`` deletes files
@@ -359,7 +420,7 @@ def _reads_of_index(
     would mix checkpoints, and retrying reads the new index.
     """
     try:
-        execute_reads(storage, ckpt, reads, targets, dtypes, **kwargs)
+        yield
     except MissingFileError as exc:
         raise MissingFileError(
             f"{exc}\n  the checkpoint at {storage.url} changed while loading: a data file of save "
@@ -376,6 +437,7 @@ def load_full(
     rename: Rename = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    encryption_key: bytes | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into one process as plain full values (no process group needed).
 
@@ -386,12 +448,16 @@ def load_full(
     the result, as for ``ss.load``; ``keys`` then selects among the renamed keys.
     ``dtype`` casts floating-point tensors (integer and bool tensors, such as step
     counters, keep theirs); ``device`` moves tensors there (e.g. ``"cuda"``).
+    ``encryption_key``: the 32-byte key of an encrypted checkpoint.
+
+    Nothing is allocated for what the index declares until the data files' tables of
+    contents back it, and never more than ``knobs.max_load_bytes()`` in all.
     """
     _check_keys(keys)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     storage = Storage.from_url(path, storage_options)
-    ckpt = read_index(storage)
+    ckpt, cipher = open_checkpoint(storage, encryption_key)
     names = {i: k for k, i in rename_keys(ckpt.keys, rename).items()}
     if keys is not None:
         unknown = [k for k in keys if not any(matches(n, [k]) for n in names.values())]
@@ -401,9 +467,9 @@ def load_full(
                 f"{sorted({n.split('.')[0] for n in names.values()})[:20]}",
                 missing=unknown,
             )
-    outputs: list[tuple[tuple[PathComponent, ...], Entry, torch.Tensor | None, Any]] = []
+    outputs: list[tuple[tuple[PathComponent, ...], Entry, int | None, Any]] = []
     requests: list[tuple[int, int, list[Region]]] = []
-    targets: list[torch.Tensor] = []
+    shapes: list[tuple[int, ...]] = []
     dtypes: list[str] = []
     for idx, e in enumerate(ckpt.entries):
         name = names.get(idx)
@@ -423,15 +489,19 @@ def load_full(
             stored, shape = _entry_dtype(e, r)
             if stored is None or shape is None:
                 continue
-            t = torch.empty(shape, dtype=torch_dtype(stored))
             requests.append((idx, r, _whole(shape)))
-            targets.append(t)
+            outputs.append((p, e, len(shapes), None))
+            shapes.append(shape)
             dtypes.append(stored)
-            outputs.append((p, e, t, None))
-    reads = plan_reads(ckpt, requests)
-    _reads_of_index(storage, ckpt, reads, targets, dtypes)
+    # Allocate only what the tables of contents back, and within the limit.
+    with _data_files_must_stay(storage, ckpt):
+        reads, tocs, covered = prepare_reads(storage, ckpt, requests, cipher=cipher)
+    check_allocation(covered, storage.url)
+    targets = [torch.empty(shape, dtype=torch_dtype(d)) for shape, d in zip(shapes, dtypes)]
+    _reads_of_index(storage, ckpt, reads, targets, dtypes, tocs=tocs, cipher=cipher)
     return unflatten(
-        (p, _as_kind(e.kind, _convert(t, e.kind, dtype, device)) if t is not None and e.kind in DATA_KINDS else v)
+        (p, _as_kind(e.kind, _convert(targets[t], e.kind, dtype, device)) if t is not None and e.kind in DATA_KINDS
+         else v)
         for p, e, t, v in outputs
     )
 

@@ -5,6 +5,15 @@ table of contents must pass its checksum and list exactly the chunks the layouts
 and every chunk must pass its checksum and decode to its declared size. Files under
 ``data/`` that the index does not name are reported as extra (left by failed saves;
 ``gc`` removes them).
+
+Encrypted checkpoints: with the key, the index, every table of contents and every chunk
+are authenticated too (``report.authenticated`` is True). Without it, only what needs no
+key is checked -- sizes, checksums of the stored (encrypted) bytes, the chunk lists -- so
+storage corruption is still found, tampering is not (``report.authenticated`` is False).
+
+The checkpoint may be hostile: what verify materialises (the expected chunk list of a
+file, decode buffers) is bounded by the table of contents actually read and by
+``knobs.max_load_bytes()``, never by what the index merely declares.
 """
 
 from __future__ import annotations
@@ -16,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from shardsave.codec import checksum, decode_chunk
-from shardsave.errors import ShardsaveError
+from shardsave import knobs
+from shardsave.codec import checksum
+from shardsave.crypto import SaveCipher
+from shardsave.errors import KeyRequiredError, ShardsaveError
 from shardsave.format.dtypes import itemsize_of
 from shardsave.format.index import CheckpointInfo, Entry
 from shardsave.format.names import DATA_DIR
-from shardsave.load import read_index
-from shardsave.pipeline.read import load_tocs
+from shardsave.load import open_checkpoint, read_index
+from shardsave.pipeline.read import decode_stored, load_tocs
 from shardsave.plan.chunking import chunk_count
 from shardsave.plan.layout import resolve
 from shardsave.storage import Storage
@@ -38,6 +49,10 @@ class VerifyReport:
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
+    authenticated: bool | None = None
+    """None: a plain checkpoint. True: encrypted, and the key authenticated the index, every
+    table of contents and every chunk. False: encrypted, verified without the key --
+    checksums and structure only, so corruption is found but tampering is not."""
 
     @property
     def ok(self) -> bool:
@@ -48,15 +63,55 @@ class VerifyReport:
 
 
 def expected_chunks(info: CheckpointInfo) -> dict[int, set[tuple[int, int, int]]]:
-    """Per file rank, every (entry, piece, chunk) the index implies it holds."""
-    out: dict[int, set[tuple[int, int, int]]] = {f.rank: set() for f in info.files}
+    """Per file rank, every (entry, piece, chunk) the index implies it holds.
+
+    Materialises every chunk: for trusted indexes only (``verify`` uses
+    :func:`_pieces_by_rank` and materialises one file's list once its TOC backs it).
+    """
+    return {rank: _chunk_set(pieces) for rank, pieces in _pieces_by_rank(info).items()}
+
+
+_Piece = tuple[int, int, int]  # entry index, piece id, chunk count
+
+
+def _pieces_by_rank(info: CheckpointInfo) -> dict[int, list[_Piece]]:
+    """Per file rank, its non-empty pieces and their chunk counts (no chunk is listed)."""
+    out: dict[int, list[_Piece]] = {f.rank: [] for f in info.files}
     for idx, e in enumerate(info.entries):
         for rank, piece, shape, dtype in _pieces(info, idx, e):
             if math.prod(shape) == 0:
                 continue
             n = chunk_count(shape, itemsize_of(dtype), info.chunk_bytes)
-            out.setdefault(rank, set()).update((idx, piece, c) for c in range(n))
+            out.setdefault(rank, []).append((idx, piece, n))
     return out
+
+
+def _chunk_set(pieces: list[_Piece]) -> set[tuple[int, int, int]]:
+    return {(idx, piece, c) for idx, piece, n in pieces for c in range(n)}
+
+
+def _dtype_in_file(entry: Entry | None, rank: int) -> str | None:
+    """The dtype of an entry's chunks in rank ``rank``'s file (per-rank values: that rank's)."""
+    if entry is None:
+        return None
+    if entry.is_per_rank:
+        rv = entry.per_rank[rank] if rank < len(entry.per_rank) else None
+        return rv.dtype if rv is not None else None
+    return entry.dtype
+
+
+def _entry_bytes(entry: Entry | None, rank: int) -> int:
+    """Bytes of the whole value a chunk of ``entry`` in rank ``rank``'s file belongs to (0: none)."""
+    if entry is None:
+        return 0
+    if entry.is_per_rank:
+        rv = entry.per_rank[rank] if rank < len(entry.per_rank) else None
+        if rv is None or rv.shape is None or rv.dtype is None:
+            return 0
+        return math.prod(rv.shape) * itemsize_of(rv.dtype)
+    if entry.shape is None or entry.dtype is None:
+        return 0
+    return math.prod(entry.shape) * itemsize_of(entry.dtype)
 
 
 def _pieces(info: CheckpointInfo, idx: int, e: Entry) -> Any:
@@ -85,12 +140,25 @@ def _pieces(info: CheckpointInfo, idx: int, e: Entry) -> Any:
         yield layout.writer_rank(idx, slots), layout.piece_id(slots), tuple(n for _, n in combo), e.dtype
 
 
-def verify(path: str, *, storage_options: dict[str, Any] | None = None) -> VerifyReport:
-    """Check every file and chunk of the checkpoint at ``path``; never raises for damage found."""
+def verify(path: str, *, storage_options: dict[str, Any] | None = None,
+           encryption_key: bytes | None = None) -> VerifyReport:
+    """Check every file and chunk of the checkpoint at ``path``; never raises for damage found.
+
+    ``encryption_key``: authenticate an encrypted checkpoint too (see the module docstring).
+    A plain checkpoint checked with a key is a problem: something expected to be encrypted
+    is not.
+    """
     storage = Storage.from_url(path, storage_options)
     report = VerifyReport(storage.url)
+    cipher: SaveCipher | None = None
     try:
         info = read_index(storage)
+        if info.encrypted or encryption_key is not None:
+            try:
+                info, cipher = open_checkpoint(storage, encryption_key)
+                report.authenticated = True
+            except KeyRequiredError:
+                report.authenticated = False
     except ShardsaveError as exc:
         report.problems.append(str(exc))
         return report
@@ -101,7 +169,11 @@ def verify(path: str, *, storage_options: dict[str, Any] | None = None) -> Verif
         report.problems.append(str(exc))
         present = set()
     report.extra_files = sorted(present - named)
-    expected = expected_chunks(info)
+    try:
+        expected = _pieces_by_rank(info)
+    except ShardsaveError as exc:
+        report.problems.append(str(exc))
+        return report
     for f in info.files:
         report.files_checked += 1
         full = storage.full_path(f.name)
@@ -114,17 +186,20 @@ def verify(path: str, *, storage_options: dict[str, Any] | None = None) -> Verif
             report.problems.append(f"{full}: {size} bytes, the index records {f.size}")
             continue
         try:
-            toc = load_tocs(storage, [f])[f.rank]
+            toc = load_tocs(storage, [f], cipher=cipher)[f.rank]
         except ShardsaveError as exc:
             report.problems.append(str(exc))
             continue
         rows = toc.rows
         have = {(int(r["entry"]), int(r["piece"]), int(r["chunk"])) for r in rows}
-        want = expected.get(f.rank, set())
-        if have != want:
+        pieces = expected.get(f.rank, [])
+        n_want = sum(n for _, _, n in pieces)
+        # Materialise the expected list only when the TOC actually read backs its length.
+        want = _chunk_set(pieces) if n_want == len(rows) else set()
+        if n_want != len(rows) or have != want:
             report.problems.append(
-                f"{full}: table of contents lists {len(have)} chunks, the index implies {len(want)} "
-                f"({len(want - have)} missing, {len(have - want)} unexpected)"
+                f"{full}: table of contents lists {len(have)} chunks, the index implies {n_want}"
+                + (f" ({len(want - have)} missing, {len(have - want)} unexpected)" if want else "")
             )
         for row in rows:
             report.chunks_checked += 1
@@ -141,9 +216,19 @@ def verify(path: str, *, storage_options: dict[str, Any] | None = None) -> Verif
                     report.problems.append(f"{full}: {label} names unknown codec #{codec}")
                     continue
                 raw = int(row["raw_length"])
-                itemsize = itemsize_of(entry.dtype) if entry is not None and entry.dtype else 1
-                decode_chunk(info.codecs[codec], payload, raw_length=raw, itemsize=itemsize,
-                             out=np.empty(raw, dtype=np.uint8))
+                dtype = _dtype_in_file(entry, f.rank)
+                itemsize = itemsize_of(dtype) if dtype else 1
+                bound = min(max(info.chunk_bytes, itemsize), _entry_bytes(entry, f.rank), knobs.max_load_bytes())
+                if raw > bound:
+                    report.problems.append(f"{full}: {label} chunk {int(row['chunk'])} declares {raw} raw bytes, "
+                                           f"more than a chunk of it can hold ({bound})")
+                    continue
+                if info.encrypted and cipher is None:
+                    report.bytes_checked += length  # no key: the checksum is all we can check
+                    continue
+                where = f"{full}: {label} chunk {int(row['chunk'])}"
+                decode_stored(cipher, info.codecs[codec], payload, row, out=np.empty(raw, dtype=np.uint8),
+                              itemsize=itemsize, where=where)
                 report.bytes_checked += raw
             except ShardsaveError as exc:
                 report.problems.append(f"{full}: {label} chunk {int(row['chunk'])}: {exc}")

@@ -183,7 +183,7 @@ def test_json_export_is_strict_readable_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("dtype", ALL_DTYPES + [torch.bits16, torch.float4_e2m1fn_x2], ids=dtype_name)
+@pytest.mark.parametrize("dtype", [*ALL_DTYPES, torch.bits16, torch.float4_e2m1fn_x2], ids=dtype_name)
 @pytest.mark.parametrize("shape", [(9, 4), (), (0, 3), (2, 0)], ids=str)
 def test_json_numbers_are_exact_for_every_dtype(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     t = pattern(dtype, shape, 3)
@@ -257,7 +257,7 @@ def test_detect_format(tmp_path: Path) -> None:
     torch.save({"a": torch.ones(1)}, tmp_path / "x.bin")
     assert detect_format(str(tmp_path / "x.bin")) == "torch"
     (tmp_path / "d").mkdir()
-    with pytest.raises(UnsupportedValueError, match="without a DCP .metadata"):
+    with pytest.raises(UnsupportedValueError, match=r"without a DCP \.metadata"):
         detect_format(str(tmp_path / "d"))
     ss.save({"a": torch.ones(1)}, str(tmp_path / "ck"))
     with pytest.raises(UnsupportedValueError, match="already a shardsave checkpoint"):

@@ -102,7 +102,7 @@ def test_load_keys_strictness_applies_within_the_selection(tmp_path: Any) -> Non
     path = str(tmp_path / "ck")
     ss.save(_state(), path)
     target = {"model": {"w1": torch.zeros(64, 256)}, "other": torch.zeros(3)}
-    with pytest.raises(StateDictMismatchError, match="model.w2") as info:
+    with pytest.raises(StateDictMismatchError, match=r"model\.w2") as info:
         ss.load(target, path, keys=["model"])
     assert info.value.unexpected == ["model.w2"] and info.value.missing == []
     result = ss.load(target, path, keys=["model"], strict=False)
@@ -126,7 +126,7 @@ def test_strip_wrappers_and_prefix_maps() -> None:
     assert rename_keys(keys, {"model.module": ""}) == {"a": 0, "b.c": 1, "models.x": 2, "model": 3, "opt.state": 4}
     assert rename_keys(keys, lambda k: None if k.startswith("opt") else k.upper()) == {
         "MODEL.MODULE.A": 0, "MODEL.MODULE.B.C": 1, "MODELS.X": 2, "MODEL": 3}
-    with pytest.raises(ValueError, match="both 'model.module.a' and 'model.a'"):
+    with pytest.raises(ValueError, match=r"both 'model\.module\.a' and 'model\.a'"):
         rename_keys(["model.module.a", "model.a"], strip_wrappers)
     with pytest.raises(ValueError, match="without leading or trailing"):
         rename_keys(keys, {"model.": "x"})

@@ -35,10 +35,17 @@ def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
-@pytest.fixture(params=["local", "memory"])
-def path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(params=["local", "memory", "s3"])
+def path(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "local":
         yield str(tmp_path / "ck")
+    elif request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        # the tests pass no storage_options: point s3:// URLs at the test server
+        original = Storage.from_url.__func__  # type: ignore[attr-defined]
+        monkeypatch.setattr(Storage, "from_url", classmethod(
+            lambda cls, url, storage_options=None: original(cls, url, storage_options or bucket.storage_options)))
+        yield f"{bucket.url}/ck"
     else:
         url = f"memory://readers-{uuid.uuid4().hex}"
         yield url

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fsspec options for remote checkpoints, as a JSON object "
                              "(e.g. '{\"endpoint_url\": \"http://localhost:9000\"}')")
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument("--key-file", metavar="FILE", default=None,
+                        help="the 32-byte key (raw, or 64 hex digits) of encrypted checkpoints; default: "
+                             "$SHARDSAVE_KEY_FILE")
 
     parser = argparse.ArgumentParser(
         prog="shardsave",
@@ -170,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "key_file", None):
+        # Readers take the key of an encrypted checkpoint from here (shardsave.crypto).
+        import os
+
+        os.environ["SHARDSAVE_KEY_FILE"] = args.key_file
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_ERROR

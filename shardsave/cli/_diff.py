@@ -85,8 +85,12 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float | None
             d = (da.to(torch.complex128) - db.to(torch.complex128)).abs()
         elif a.dtype.is_floating_point:
             d = (da.to(torch.float64) - db.to(torch.float64)).abs()
-        else:  # via numpy, which converts every integer width (uint64 too)
-            d = torch.from_numpy(np.abs(da.numpy().astype(np.float64) - db.numpy().astype(np.float64)))
+        else:
+            # Exact for every width: |a - b| < 2**64 is the difference modulo 2**64 taken
+            # in the right order (negative values wrap to their two's complement).
+            na, nb = da.numpy(), db.numpy()
+            ua, ub = na.astype(np.uint64), nb.astype(np.uint64)
+            d = torch.from_numpy(np.where(na > nb, ua - ub, ub - ua).astype(np.float64))
         m = float(d.max())
         worst = math.nan if math.isnan(m) or math.isnan(worst) else max(worst, m)
     return differing, (worst if numeric else None)

@@ -217,7 +217,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"path": report.path, "ok": ok, "files_checked": report.files_checked,
                     "chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
-                    "problems": report.problems, "extra_files": report.extra_files})
+                    "problems": report.problems, "extra_files": report.extra_files,
+                    "authenticated": report.authenticated})
         return 0 if ok else 1
     for p in report.problems:
         print(f"PROBLEM  {p}")
@@ -226,6 +227,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
               "removes it)")
     summary = (f"{report.files_checked} file(s), {report.chunks_checked} chunk(s), "
                f"{human_bytes(report.bytes_checked)} checked")
+    if report.authenticated is not None:
+        summary += ("; encrypted, authenticated with the key" if report.authenticated else
+                    "; encrypted, checksums only (no key: pass --key-file to authenticate)")
     if ok:
         print(f"OK  {report.path}: {summary}" + (f"; {len(report.extra_files)} extra file(s) allowed"
                                                   if report.extra_files else ""))

@@ -165,7 +165,8 @@ def _to_protocol_2(data: bytes, src: str) -> bytes:
             break
         raise UnsafePickleError(f"refusing to import {src}: a STACK_GLOBAL whose module and name are not literal strings")
 
-    for i, (op, arg, pos) in enumerate(ops):
+    for i, (op, arg_, pos) in enumerate(ops):
+        arg: Any = arg_
         name = op.name
         end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
         assert pos is not None and end is not None
@@ -255,7 +256,11 @@ def read_dcp(src: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata, StorageMeta
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        StorageMeta,
+        TensorStorageMetadata,
+    )
 
     metadata = read_dcp_metadata(src)
 
