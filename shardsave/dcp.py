@@ -214,6 +214,8 @@ class _Assignment:
     rank: int
     pieces: dict[tuple[str, tuple[int, ...]], tuple[int, int]]
     """(fqn, chunk offsets) -> (entry index, piece id) of each tensor item of this rank."""
+    chunk_bytes: int
+    """The coordinator's chunking parameter: every rank cuts pieces the way the index says."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ class DCPWriter(StorageWriter):
         self.is_coordinator = False
         self.rank = 0
         self._save_id: str | None = None
+        self._chunk_bytes = knobs.chunk_bytes()
         self._tensors: list[_TensorEntry] = []
         self._old_files: tuple[str, ...] = ()
 
@@ -315,7 +318,9 @@ class DCPWriter(StorageWriter):
                 self._old_files = tuple(f.name for f in read_index(storage).files)
         storage.makedirs("data")
         self._save_id = new_save_id()
+        self._chunk_bytes = knobs.chunk_bytes()
         by_fqn: dict[str, _TensorEntry] = {}
+        order: dict[str, int] = {}
         assigned: list[dict[tuple[str, tuple[int, ...]], tuple[int, int]]] = []
         for rank, plan in enumerate(plans):
             mine: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}
@@ -329,12 +334,13 @@ class DCPWriter(StorageWriter):
                 entry = by_fqn.get(fqn)
                 if entry is None:
                     entry = by_fqn[fqn] = _TensorEntry(fqn, dtype_name(td.properties.dtype), tuple(td.size))
+                    order[fqn] = len(order)
                 offsets, sizes = tuple(td.chunk.offsets), tuple(td.chunk.sizes)
-                mine[(fqn, offsets)] = (list(by_fqn).index(fqn), len(entry.pieces))
+                mine[(fqn, offsets)] = (order[fqn], len(entry.pieces))
                 entry.pieces.append((offsets, sizes, rank))
             assigned.append(mine)
         self._tensors = list(by_fqn.values())
-        return [replace(plan, storage_data=_Assignment(self._save_id, rank, assigned[rank]))
+        return [replace(plan, storage_data=_Assignment(self._save_id, rank, assigned[rank], self._chunk_bytes))
                 for rank, plan in enumerate(plans)]
 
     # -- writing --------------------------------------------------------------------------
@@ -366,7 +372,7 @@ class DCPWriter(StorageWriter):
             name = data_file_name(assignment.save_id, assignment.rank)
             codec_ids = {d: i for i, d in enumerate(CODEC_DESCRIPTORS)}
             info, _ = write_rank_file(self._storage(), name, assignment.rank, [p for _, p in pieces],
-                                      codec=self.codec, codec_ids=codec_ids, chunk_bytes=knobs.chunk_bytes())
+                                      codec=self.codec, codec_ids=codec_ids, chunk_bytes=assignment.chunk_bytes)
             for i, (item, p) in enumerate(pieces):
                 results.append(WriteResult(index=item.index, size_in_bytes=p.data.numel() * p.data.element_size(),
                                            storage_data=_ItemResult(file=info if i == 0 else None)))
@@ -411,7 +417,7 @@ class DCPWriter(StorageWriter):
             save_id=self._save_id,
             world_size=len(results),
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            chunk_bytes=knobs.chunk_bytes(),
+            chunk_bytes=self._chunk_bytes,
             codecs=tuple(CODEC_DESCRIPTORS),
             meshes=(),
             files=tuple(files),

@@ -62,7 +62,14 @@ DEFAULT_UPLOAD_TIMEOUT_S = 3600.0
 
 
 def _copy_file(src: Storage, dst: Storage, f: FileInfo) -> None:
-    """Copy one data file, whole-file retries; the remote object appears only when complete."""
+    """Copy one data file, whole-file retries; the remote object appears only when complete.
+
+    A data file already there at its full size is skipped: files are immutable under their
+    save id, so it is this very file (an earlier upload of the same save) -- and removing
+    it could break a remote checkpoint that already names it.
+    """
+    if dst.exists(f.name) and dst.size(f.name) == f.size:
+        return
     last: BaseException | None = None
     for attempt in range(UPLOAD_ATTEMPTS):
         try:

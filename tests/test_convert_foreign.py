@@ -170,3 +170,16 @@ def test_dcp_metadata_reads_through_the_allow_list_only(tmp_path: Path) -> None:
     (bad / ".metadata").write_bytes(pickle.dumps(datetime.date(2020, 1, 1), protocol=4))
     with pytest.raises(UnsafePickleError, match=r"datetime\.date"):
         read_dcp_metadata(str(bad))
+
+
+@pytest.mark.timeout(120)
+def test_import_foreign_hdf5_file_nests_by_group(tmp_path: Path) -> None:
+    import h5py
+    import numpy as np
+
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        f.create_dataset("encoder/layer.0/w", data=np.arange(6, dtype=np.float32).reshape(2, 3))
+        f.create_dataset("steps", data=np.arange(3, dtype=np.int64))
+    import_checkpoint(str(tmp_path / "m.h5"), str(tmp_path / "ck"))
+    same(ss.load_full(str(tmp_path / "ck")), {"encoder": {"layer.0": {"w": torch.arange(6.0).reshape(2, 3)}},
+                                               "steps": torch.arange(3)})

@@ -156,3 +156,17 @@ def test_fsdp2_model_and_optimizer_through_dcp(tmp_path: Path) -> None:
     assert r0["load_full_equal"] and r0["load_full_avg"] and r0["verify"], r0
     assert len(r0["files"]) == 2  # one data file per rank
     assert r0["layouts"] == ["boxes", "replicated"]  # FSDP shards, and the deduplicated step counters
+
+
+@pytest.mark.timeout(30)
+def test_reader_refuses_ranks_that_read_different_saves() -> None:
+    """DCP has every rank read the metadata itself; an overwrite between two ranks' reads
+    must fail the load on all ranks, not load two checkpoints side by side."""
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    reader = ss.DCPReader("unused")
+    same = [LoadPlan([], storage_data="20260101T000000-aaaaaaaa")] * 2
+    assert reader.prepare_global_plan(same) == same
+    with pytest.raises(ss.CheckpointError, match="changed while loading"):
+        reader.prepare_global_plan([LoadPlan([], storage_data="20260101T000000-aaaaaaaa"),
+                                    LoadPlan([], storage_data="20260101T000001-bbbbbbbb")])

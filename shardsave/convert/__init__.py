@@ -219,7 +219,11 @@ def import_checkpoint(
     export or a safetensors header. Returns the new index and the format read.
     """
     import shardsave as ss
+    from shardsave.storage import Storage
 
+    # Fail before reading a possibly huge source; ss.save checks again at commit time.
+    if not overwrite and Storage.from_url(path, storage_options).exists(INDEX_NAME):
+        raise CheckpointExistsError(f"{path} already holds a committed checkpoint; pass --overwrite to replace it")
     state, metadata, fmt = read_foreign(src, fmt)
     metadata = {**metadata, "import": {"format": fmt, "source": str(Path(src).resolve())}}
     info = ss.save(state, path, codec=codec, metadata=metadata, storage_options=storage_options,

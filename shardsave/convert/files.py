@@ -200,18 +200,18 @@ def read_hdf5(src: str) -> tuple[list[Item], dict[str, Any]]:
     with h5py.File(src, "r") as f:
         datasets: dict[str, Any] = {}
         f.visititems(lambda name, obj: datasets.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
-        tensors: dict[str, torch.Tensor] = {}
-        for name, ds in datasets.items():
-            key = ds.attrs.get("key", name.replace("/", "."))
-            key = key.decode() if isinstance(key, bytes) else str(key)
-            tensors[key] = _tensor_of_dataset(ds, f"{src}:/{name}")
         text = f.attrs.get("shardsave")
         if text is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            for name, ds in datasets.items():
+                key = ds.attrs.get("key", name)
+                tensors[key.decode() if isinstance(key, bytes) else str(key)] = _tensor_of_dataset(ds, f"{src}:/{name}")
             doc = check_manifest(_json(text.decode() if isinstance(text, bytes) else str(text), f"{src}: attribute "
                                        "'shardsave'"), src)
             return items_from_manifest(doc, tensors, src), dict(doc.get("metadata") or {})
-    # A foreign HDF5 file: datasets by path, nested by their groups.
-    return [Item(k, tuple(k.split(".")), "tensor", t) for k, t in sorted(tensors.items())], {}
+        # A foreign HDF5 file: one tensor per dataset, nested like its groups.
+        return [Item(name.replace("/", "."), tuple(name.split("/")), "tensor",
+                     _tensor_of_dataset(ds, f"{src}:/{name}")) for name, ds in sorted(datasets.items())], {}
 
 
 def _tensor_of_dataset(ds: Any, where: str) -> torch.Tensor:

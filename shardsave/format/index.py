@@ -643,6 +643,7 @@ def index_from_json(data: bytes, *, path: str = "") -> CheckpointInfo:
     keys = [e.key for e in entries]
     if len(set(keys)) != len(keys):
         raise FormatError(f"{path or 'index.json'}: duplicate entry keys")
+    _check_tree(entries, path or "index.json")
     return CheckpointInfo(
         save_id=_str(doc, "save_id", "index"),
         world_size=world_size,
@@ -658,6 +659,44 @@ def index_from_json(data: bytes, *, path: str = "") -> CheckpointInfo:
         path=path,
         encryption=encryption,
     )
+
+
+_RANKS = ("per-rank slot",)
+"""Stands for the list level a per-rank entry's values sit in (one slot per saved rank)."""
+
+
+def _check_tree(entries: Sequence[Entry], where: str) -> None:
+    """The entries' paths must describe one tree of dicts and lists, as the saver flattened
+    it: no path twice or below another entry, every node either a dict (string and
+    ``{"int": n}`` keys) or a list (indices), the root a dict, and list indices below the
+    number of entries (each list slot holds at least one entry). Rebuilding nested values
+    from a forged index is then bounded and cannot fail on a type clash."""
+    root: dict[Any, Any] = {}
+    kinds: dict[int, str] = {id(root): "dict"}
+    leaf = object()
+    for i, e in enumerate(entries):
+        comps: list[Any] = list(e.path)
+        if e.per_rank_root is not None:
+            comps.insert(e.per_rank_root, _RANKS)
+        node = root
+        for j, c in enumerate(comps):
+            kind = "list" if isinstance(c, int) or c is _RANKS else "dict"
+            if kinds.setdefault(id(node), kind) != kind or (isinstance(c, int) and c >= len(entries)):
+                raise FormatError(f"{where}: entries[{i}].path {list(e.path)} does not fit the tree of the "
+                                  "other entries' paths (mixes dict keys and list indices, or a list index past "
+                                  "the number of entries)")
+            child = node.get(c)
+            if j == len(comps) - 1:
+                if child is not None:
+                    raise FormatError(f"{where}: entries[{i}].path {list(e.path)} repeats or contains another "
+                                      "entry's path")
+                node[c] = leaf
+            else:
+                if child is leaf:
+                    raise FormatError(f"{where}: entries[{i}].path {list(e.path)} lies below another entry")
+                if child is None:
+                    child = node[c] = {}
+                node = child
 
 
 def _check_digest(data: bytes, doc: Mapping[str, Any], version: tuple[int, int], where: str) -> None:
