@@ -67,6 +67,24 @@ def chunks_of(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> Iterator
         yield cid, chunk_box(shape, chunk, cid)
 
 
+def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
+    """``itertools.product`` of ranges, lazily when large: ``itertools.product`` turns each
+    range into a tuple first, and an index with a forged shape or chunk size can ask for
+    billions of chunks -- the caller (``plan_reads``' ``max_reads``) stops such a walk early."""
+    if math.prod(len(r) for r in ranges) <= 1 << 16:
+        yield from itertools.product(*ranges)
+        return
+
+    def walk(i: int, prefix: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+        if i == len(ranges):
+            yield prefix
+            return
+        for v in ranges[i]:
+            yield from walk(i + 1, (*prefix, v))
+
+    yield from walk(0, ())
+
+
 def chunks_overlapping(shape: Sequence[int], itemsize: int, chunk_bytes: int, region: Box) -> Iterator[tuple[int, Box]]:
     """Chunks of a piece overlapping ``region`` (relative to the piece): O(chunks hit)."""
     chunk = chunk_shape(shape, itemsize, chunk_bytes)
@@ -77,7 +95,7 @@ def chunks_overlapping(shape: Sequence[int], itemsize: int, chunk_bytes: int, re
             ranges.append(range(0, 1))
         else:
             ranges.append(range(o // c, min(gn, -(-(o + n) // c))))
-    for idx in itertools.product(*ranges):
+    for idx in _product(ranges):
         cid = 0
         for i, gn in zip(idx, g):
             cid = cid * gn + i
