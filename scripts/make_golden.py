@@ -62,6 +62,9 @@ def main() -> None:
     for codec in ("auto", "raw", "zstd", "zstd-shuffle"):
         with knobs.override(CHUNK_BYTES=256):
             ss.save(gs.single_process_state(), os.path.join(root, f"single-{codec}"), codec=codec)
+    # Encryption (1.1 on): AES-256-GCM chunks, MACed TOCs and index, under a fixed test key.
+    with knobs.override(CHUNK_BYTES=256):
+        ss.save(gs.single_process_state(), os.path.join(root, "encrypted-auto"), encryption_key=gs.GOLDEN_KEY)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_sharded_worker, args=(2, os.path.join(tmp, "rdzv"), os.path.join(root, "sharded-2ranks")),
                  nprocs=2)

@@ -17,7 +17,7 @@ Two saves with the same base cannot both pass (2) while the claim exists; one th
 then. Either way the loser has written only its own data files (new save id), which it
 removes, and raises naming the winner. The claim exists only between (2) and (5), a few
 milliseconds, so a crash leaves one behind only in that instant: it then blocks saves based
-on the same index until it is older than ``knobs.claim_stale_s()`` (10 minutes) or is
+on the same index until it is older than ``knobs.claim_stale_s()`` (2 minutes) or is
 removed by hand (the error says which file). A claim left by a crash after (4) is harmless:
 no save is based on the replaced index any more.
 
@@ -72,7 +72,9 @@ def commit_claim(storage: Storage, base: str, save_id: str) -> Iterator[None]:
     """
     name = claim_name(base)
     record = json.dumps({"save_id": save_id, "host": socket.gethostname(), "created": time.time()}).encode()
-    if not storage.write_exclusive(name, record):
+    if not storage.write_exclusive(name, record) and _read_claim(storage, name).get("save_id") != save_id:
+        # (A claim naming this save is ours: a retried conditional PUT whose first attempt
+        # landed although its answer was lost.)
         if not _break_if_stale(storage, name):
             raise ConcurrentSaveError(_holder_message(storage, name))
         if not storage.write_exclusive(name, record):

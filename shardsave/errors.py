@@ -100,6 +100,10 @@ class StateDictMismatchError(ShardsaveError, KeyError):
         return self.message
 
 
+class UnsafePickleError(ShardsaveError, ValueError):
+    """A foreign pickle (import only) names something outside the allow-list; it was not run."""
+
+
 class CheckpointError(ShardsaveError, RuntimeError):
     """A distributed save or load failed; carries every rank's failure.
 

@@ -52,7 +52,7 @@ _DEFAULTS: dict[str, int | float] = {
     "FILE_MODE": 0o600,
     "DIR_MODE": 0o700,
     # A commit claim older than this is presumed left by a crashed save and may be broken.
-    "CLAIM_STALE_S": 600.0,
+    "CLAIM_STALE_S": 120.0,
 }
 
 # Knobs whose environment value is written in octal (file modes), e.g. "640" or "0o640".

@@ -239,7 +239,6 @@ def _save(
             f"save to {storage.url} failed before writing anything (nothing was written):", decision.failures
         )
     plan = decision.plan
-    fault_point("after-plan")
 
     # 4. (all ranks) write this rank's data file.
     file_info: FileInfo | None = None
@@ -247,6 +246,7 @@ def _save(
     name = data_file_name(decision.save_id, comm.rank)
     cipher: SaveCipher | None = None
     try:
+        fault_point("after-plan")
         if key is not None:
             assert decision.salt is not None
             cipher = SaveCipher(key, decision.save_id, decision.salt)
@@ -309,6 +309,14 @@ def _decide(
                      salt=new_salt() if encrypted else None)
 
 
+def _index_names(storage: Storage, save_id: str) -> bool | None:
+    """Whether the index names ``save_id`` (after writing it raised); None if unknown."""
+    try:
+        return index_base(storage) == save_id
+    except Exception:
+        return None
+
+
 def _commit(
     storage: Storage,
     decision: _Decision,
@@ -346,8 +354,14 @@ def _commit(
             # The commit point: before this line nothing is visible, after it everything is.
             storage.write_atomic(INDEX_NAME, blob)
     except Exception as exc:
-        with contextlib.suppress(Exception):  # best effort, as above
-            storage.remove([f.name for f in files])
+        committed = _index_names(storage, decision.save_id)
+        if committed:
+            # The failure came after the rename (fsync of the directory, say): the new index
+            # is in place and names these files, so they must stay. Report the commit.
+            return info, {}
+        if committed is False:  # surely not committed: the files are garbage (unknown: keep them)
+            with contextlib.suppress(Exception):  # best effort, as above
+                storage.remove([f.name for f in files])
         return None, {0: describe_error(exc)}
     # Only now may the replaced checkpoint's data go: the new index no longer names it.
     stale = [n for n in decision.old_files if n not in {f.name for f in files}]

@@ -69,3 +69,18 @@ def test_golden_sharded_checkpoint_loads_bitwise(version: Path) -> None:
     result = ss.load(target, path, strict=False)
     assert result.unexpected == ["per_rank.rng", "per_rank.pos"]
     assert same(target["model"], gs.sharded_full_tensors()) and target["step"] == 99
+
+
+ENCRYPTED = sorted(p for v in VERSIONS for p in v.glob("encrypted-*"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ckpt", ENCRYPTED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_golden_encrypted_checkpoints_decrypt_bitwise(ckpt: Path) -> None:
+    """The encryption format (FORMAT.md section 10) must keep decrypting: key derivation,
+    nonce layout, associated data and MACs are all fixed by these files."""
+    report = ss.verify(str(ckpt), encryption_key=gs.GOLDEN_KEY)
+    assert report.ok and report.authenticated, report.problems
+    assert same(ss.load_full(str(ckpt), encryption_key=gs.GOLDEN_KEY), gs.single_process_state())
+    with pytest.raises(ss.ShardsaveError, match="encrypted"):
+        ss.load_full(str(ckpt))

@@ -38,6 +38,9 @@ def _raise_on_rank_1() -> int:
 
 
 def _exit_on_rank_1(code: int) -> int:
+    # (all ranks) Gloo builds its full mesh lazily; a peer that dies while another rank is
+    # still connecting fails that rank's init. Die only once everyone is connected.
+    dist.barrier()
     if dist.get_rank() == 1:
         os._exit(code)
     return dist.get_rank() * 10

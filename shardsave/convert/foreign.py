@@ -44,16 +44,12 @@ from typing import Any
 
 import torch
 
-from shardsave.errors import ShardsaveError, UnsupportedValueError
+from shardsave.errors import ShardsaveError, UnsafePickleError, UnsupportedValueError
 from shardsave.plan.flatten import unflatten
 
 __all__ = ["UnsafePickleError", "read_dcp", "read_dcp_metadata", "read_torch_file"]
 
 DCP_METADATA_NAME = ".metadata"
-
-
-class UnsafePickleError(ShardsaveError, ValueError):
-    """A pickle names something outside the allow-list; it was not run."""
 
 
 def _reason(exc: BaseException) -> str:

@@ -41,13 +41,13 @@ from typing import Any
 from shardsave import knobs
 from shardsave.errors import StorageError
 from shardsave.faults import fault_point
+from shardsave.format.names import TMP_INFIX
 from shardsave.storage.base import Storage, check_length, check_range
 from shardsave.storage.retry import call_with_retry
 from shardsave.storage.writer import Buffer, DataWriter, as_byte_view
 
 __all__ = ["TMP_INFIX", "LocalStorage", "LocalWriter"]
 
-TMP_INFIX = ".tmp-"
 """``write_atomic`` stages ``<name>.tmp-<uuid hex>``; a crash can leave one behind."""
 
 _O_BINARY = getattr(os, "O_BINARY", 0)

@@ -32,6 +32,10 @@ def pattern(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tens
     return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
 
 
+GOLDEN_KEY = bytes(range(32))
+"""The master key of the golden ``encrypted-*`` checkpoints (format 1.1 on)."""
+
+
 def single_process_state() -> dict[str, Any]:
     return {
         "model": {str(dt).removeprefix("torch."): pattern(dt, (13, 7), i) for i, dt in enumerate(DTYPES)},
