@@ -7,13 +7,18 @@ and reshards onto any world size or layout. Nothing is ever unpickled.
 
 from shardsave.asyncsave import AsyncSaveHandle, async_save
 from shardsave.errors import (
+    AuthenticationError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptionError,
+    EncryptionError,
+    KeyRequiredError,
+    LimitExceededError,
     ShardsaveError,
     StateDictMismatchError,
     UnsupportedValueError,
+    WrongKeyError,
 )
 from shardsave.format.index import CheckpointInfo
 from shardsave.load import LoadResult, info, load, load_full
@@ -39,6 +44,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AsyncSaveHandle",
+    "AuthenticationError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointInfo",
@@ -47,6 +53,9 @@ __all__ = [
     "CorruptionError",
     "DCPReader",
     "DCPWriter",
+    "EncryptionError",
+    "KeyRequiredError",
+    "LimitExceededError",
     "LoadResult",
     "PerRank",
     "ShardsaveError",
@@ -54,6 +63,7 @@ __all__ = [
     "TieredSaveHandle",
     "UnsupportedValueError",
     "VerifyReport",
+    "WrongKeyError",
     "__version__",
     "async_save",
     "info",

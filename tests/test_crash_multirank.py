@@ -72,7 +72,33 @@ def same(got: Any, want: Any) -> bool:
     return bool(got == want)
 
 
-def _overwrite_worker(path: str, fresh: bool, point: str, rank_to_kill: int, hit: int) -> str:
+KEY = bytes(range(32))
+
+
+def _encryption_checks(path: str) -> str:
+    """(all ranks) An encrypted 2-rank save and in-place load; ranks holding different keys
+    are refused on every rank before anything is written. Runs in a spawn a kill test
+    makes anyway."""
+    mine = KEY if dist.get_rank() == 0 else bytes(32)
+    try:
+        ss.save(rank_state(3), path + "-mixed-keys", encryption_key=mine)
+        mixed = "no error"
+    except ss.CheckpointError as exc:
+        mixed = str(exc)
+    ss.save(rank_state(3), path + "-enc", encryption_key=KEY)
+    target = rank_state(0)
+    ss.load(target, path + "-enc", encryption_key=KEY)
+    want = rank_state(3)
+    assert torch.equal(target["model"]["w"].to_local(), want["model"]["w"].to_local())
+    assert torch.equal(target["rng"].value, want["rng"].value) and target["step"] == 3
+    return mixed
+
+
+def _overwrite_worker(path: str, fresh: bool, point: str, rank_to_kill: int, hit: int,
+                      encryption_checks: bool = False) -> str:
+    if encryption_checks:
+        mixed = _encryption_checks(path)
+        assert "encryption key differs" in mixed, mixed
     if not fresh:
         ss.save(rank_state(1), path)  # the previous checkpoint, committed whole
     dist.barrier()
@@ -117,12 +143,17 @@ def test_sigkill_during_overwrite_never_commits_a_partial_checkpoint(
     tmp_path: Path, point: str, rank: int, hit: int, committed: bool
 ) -> None:
     path = str(tmp_path / "ck")
-    results = run_multirank(_overwrite_worker, WORLD, path, False, point, rank, hit, timeout=150,
+    checks = point == "after-plan"
+    results = run_multirank(_overwrite_worker, WORLD, path, False, point, rank, hit, checks, timeout=150,
                             allow_death={rank}, env=CHILD_ENV)
     assert results[rank] is None, f"rank {rank} was not killed at {point}: {results[rank]}"
     survivor = results[1 - rank]
     assert survivor.startswith("failed:") and "lost" in survivor, survivor
     _check_after_kill(path, committed, fresh=False)
+    if checks:  # the encrypted 2-rank checkpoint, resharded into one process
+        assert same(ss.load_full(path + "-enc", encryption_key=KEY), full_state(3))
+        assert ss.verify(path + "-enc", encryption_key=KEY).ok
+        assert not os.path.exists(os.path.join(path + "-mixed-keys", INDEX_NAME))
 
 
 @pytest.mark.multirank

@@ -22,7 +22,7 @@ COLUMNS = ["case", "engine", "cold blocked s", "warm blocked median s", "warm bl
 def run(cfg: RunConfig) -> ScenarioResult:
     import shardsave as ss
 
-    records = run_saves(cfg, cfg.spec(), ENGINES, cfg.storage_options, "async", mode="async")
+    records = run_saves(cfg, cfg.spec(), [f"async:{e}" for e in ENGINES], cfg.storage_options, "async")
     blocked = collect(records, "blocked_s")
     total = collect(records, "seconds")
     rows = []

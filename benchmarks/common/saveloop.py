@@ -75,9 +75,9 @@ def _log(msg: str) -> None:
         print(f"  {msg}", flush=True)
 
 
-def _save_rank(cfg: RunConfig, spec: DataSpec, names: list[str], opts: dict[str, Any], tag: str,
-               mode: str) -> list[dict[str, Any]]:
-    """(every rank) ``mode``: "sync" (engine.save) or "async" (engine.async_save, then wait)."""
+def _save_rank(cfg: RunConfig, spec: DataSpec, names: list[str], opts: dict[str, Any],
+               tag: str) -> list[dict[str, Any]]:
+    """(every rank) ``names``: engines; ``async:NAME`` runs NAME's async save (then waits for it)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, ws = dist.get_rank(), dist.get_world_size()
@@ -85,15 +85,20 @@ def _save_rank(cfg: RunConfig, spec: DataSpec, names: list[str], opts: dict[str,
     state = sharded_state(spec, mesh)
     logical = global_bytes(state)
     mine = local_bytes(state)
-    engines = [make_engine(n, opts) for n in names]
-    if mode == "async":
-        engines = [e for e in engines if e.async_save is not None]
+    engines: list[tuple[Engine, str]] = []
+    for n in names:
+        mode, _, name = n.rpartition(":")
+        e = make_engine(name, opts)
+        if mode != "async" or e.async_save is not None:
+            engines.append((e, mode or "sync"))
     records: list[dict[str, Any]] = []
     case = f"{spec.dtype}, {ws} ranks, {logical / 2**30:.2f} GiB"
     for rep in range(cfg.reps + 1):
-        for e in rotate(engines, rep):
-            url = cfg.url(f"{tag}-{spec.dtype}-{e.name}-{rep}".replace("[", "_").replace("]", ""))
-            rec: dict[str, Any] = {"case": case, "engine": e.name, "rep": rep, "logical_bytes": logical}
+        for e, mode in rotate(engines, rep):
+            url = cfg.url(f"{tag}-{mode}-{spec.dtype}-{e.name}-{rep}".replace("[", "_").replace("]", "")
+                          .replace("@", "_").replace("=", "_").replace(",", "_"))
+            rec: dict[str, Any] = {"case": case, "engine": e.name, "mode": mode, "rep": rep,
+                                   "logical_bytes": logical}
             barrier()
             memory.reset_peak()
             base = memory.current()
@@ -124,15 +129,16 @@ def _save_rank(cfg: RunConfig, spec: DataSpec, names: list[str], opts: dict[str,
                 remove(url, opts)
                 records.append(rec)
                 blocked = f", blocked {rec['blocked_s']:.3f} s" if "blocked_s" in rec else ""
-                _log(f"{tag} rep {rep} {e.name:18s} {rec['seconds']:7.3f} s{blocked}, "
+                _log(f"{tag} rep {rep} {mode:5s} {e.name:18s} {rec['seconds']:7.3f} s{blocked}, "
                      f"{rec['bytes'] / 2**20:8.1f} MiB, peak +{rec['peak_extra_bytes'] / 2**20:.0f} MiB/rank")
             barrier()
     return records
 
 
-def run_saves(cfg: RunConfig, spec: DataSpec, names: list[str], opts: dict[str, Any], tag: str,
-              mode: str = "sync") -> list[dict[str, Any]]:
-    """Launch ``cfg.world_size`` ranks and run the loop; rank 0's records."""
+def run_saves(cfg: RunConfig, spec: DataSpec, names: list[str], opts: dict[str, Any],
+              tag: str) -> list[dict[str, Any]]:
+    """Launch ``cfg.world_size`` ranks and run the loop; rank 0's records. ``names`` as in
+    :func:`_save_rank`."""
     spec.full()  # train or load the cache once, in the parent, before the ranks read it
-    results = launch(_save_rank, cfg.world_size, cfg, spec, names, opts, tag, mode)
+    results = launch(_save_rank, cfg.world_size, cfg, spec, names, opts, tag)
     return results[0]

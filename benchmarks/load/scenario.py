@@ -6,8 +6,8 @@ Cases (``N -> M``: saved on N ranks, loaded on M):
 * ``Shard(0)`` 2 -> 3 and 4 -> 2 (other world sizes);
 * ``Shard(0)`` -> ``Shard(1)`` on W ranks (other placement, every 2-D tensor resharded).
 
-Each case spawns max(N, M) ranks once; saving uses a sub-group of the first N ranks and
-loading one of the first M (``DeviceMesh.from_group``). Each engine saves its checkpoint
+One spawn of max(N, M) over all cases runs them in turn; saving uses a sub-group of the
+first N ranks and loading one of the first M (``DeviceMesh.from_group``). Each engine saves its checkpoint
 once (untimed); then the loads run interleaved, rep 0 cold and 1..N warm, into
 preallocated targets (zeros, pages touched: a resume loads into an existing model). Before
 every load the checkpoint's files are evicted from the page cache (``posix_fadvise
@@ -41,7 +41,18 @@ def _zero(state: dict[str, Any]) -> None:
             v.to_local().zero_()
 
 
-def _load_rank(cfg: RunConfig, spec: DataSpec, n_save: int, n_load: int, save_dim: int, load_dim: int,
+def _load_rank(cfg: RunConfig, spec: DataSpec, all_cases: list[tuple[str, int, int, int, int, list[str]]]
+               ) -> list[dict[str, Any]]:
+    """(every rank) Every case in turn, on sub-groups of one world (spawning costs seconds)."""
+    records: list[dict[str, Any]] = []
+    for case, n_save, n_load, sd, ld, names in all_cases:
+        if dist.get_rank() == 0:
+            print(f"[load] {case}", flush=True)
+        records += _load_case(cfg, spec, n_save, n_load, sd, ld, names, case)
+    return records
+
+
+def _load_case(cfg: RunConfig, spec: DataSpec, n_save: int, n_load: int, save_dim: int, load_dim: int,
                names: list[str], case: str) -> list[dict[str, Any]]:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -118,11 +129,9 @@ def cases(cfg: RunConfig) -> list[tuple[str, int, int, int, int, list[str]]]:
 def run(cfg: RunConfig) -> ScenarioResult:
     spec = cfg.spec()
     spec.full()
-    records: list[dict[str, Any]] = []
-    for case, n_save, n_load, sd, ld, names in cases(cfg):
-        print(f"[load] {case}", flush=True)
-        res = launch(_load_rank, max(n_save, n_load), cfg, spec, n_save, n_load, sd, ld, cfg.engines(names), case)
-        records += res[0]
+    todo = [(case, n_save, n_load, sd, ld, cfg.engines(names)) for case, n_save, n_load, sd, ld, names in cases(cfg)]
+    world = max(max(c[1], c[2]) for c in todo)
+    records = launch(_load_rank, world, cfg, spec, todo)[0]
     t = collect(records, "seconds")
     rows = []
     for (case, engine), s in t.items():

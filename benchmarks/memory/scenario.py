@@ -10,8 +10,6 @@ DCP (thread mode, so its staging copy is in the rank's own RSS).
 
 from __future__ import annotations
 
-from typing import Any
-
 from benchmarks.common.config import RunConfig
 from benchmarks.common.report import ScenarioResult, bars, check, collect
 from benchmarks.common.saveloop import run_saves
@@ -22,15 +20,11 @@ COLUMNS = ["mode", "case", "engine", "cold peak extra MiB/rank", "warm median Mi
 
 def run(cfg: RunConfig) -> ScenarioResult:
     mcfg = cfg.with_(reps=min(cfg.reps, 2))
-    records: list[dict[str, Any]] = []
-    for mode, names in (("sync", ["shardsave", "shardsave[raw]", "dcp", "torch.save"]),
-                        ("async", ["shardsave", "dcp"])):
-        print(f"[memory] {mode}", flush=True)
-        recs = run_saves(mcfg, mcfg.spec(), names, cfg.storage_options, f"mem-{mode}", mode=mode)
-        for r in recs:
-            r["mode"] = mode
-            r["case"] = f"{mode}: {r['case']}"
-        records += recs
+    names = ["shardsave", "shardsave[raw]", "dcp", "torch.save", "async:shardsave", "async:dcp"]
+    print("[memory] sync and async, interleaved", flush=True)
+    records = run_saves(mcfg, mcfg.spec(), names, cfg.storage_options, "mem")
+    for r in records:
+        r["case"] = f"{r['mode']}: {r['case']}"
     mib = collect(records, "peak_extra_bytes")
     frac = collect(records, "peak_extra_frac")
     rows = []
