@@ -36,7 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
                    help="state dtype(s); sync_save and throttled run each, the others the first "
                         "(default: fp32 bf16)")
-    p.add_argument("--scenario", nargs="+", default=None, choices=SCENARIOS + ["all"],
+    p.add_argument("--scenario", nargs="+", default=None, choices=[*SCENARIOS, "all"],
                    help="scenarios to run (default: all)")
     p.add_argument("--storage", default=None,
                    help="root URL or directory the checkpoints go to (default: a fresh directory under "
@@ -52,7 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="where the trained model state is cached "
                                                      "(default ~/.cache/shardsave-bench)")
     p.add_argument("--ab", action="append", default=[], metavar="KNOB=VALUE[,KNOB=VALUE]",
-                   help="also run shardsave under these knobs (e.g. EARLY_WRITEBACK=0), interleaved with the "
+                   help="sync_save: also run shardsave under these knobs (e.g. EARLY_WRITEBACK=0), interleaved with the "
                         "rest: before/after figures from one run (repeatable)")
     p.add_argument("--train-steps", type=int, default=40, help="AdamW steps of the benchmark model")
     return p.parse_args(argv)

@@ -15,9 +15,10 @@ The points, in the order a save reaches them (``shardsave.save`` documents the p
 ``after-data``      every rank, after its data file is complete and durable, before the
                     coordinator has the results (data on storage, no index yet)
 ``mid-index-write`` the coordinator, with half of the new index written to its temporary
-                    file (local storage) or just before the single PUT (object stores)
-``after-rename``    the coordinator, right after the index is renamed into place (the
-                    commit point has passed; old files not yet removed)
+                    file (local storage only: object stores commit with one PUT, which
+                    has no middle)
+``after-rename``    the coordinator, right after the index is renamed into place (local
+                    storage; the commit point has passed, old files are not yet removed)
 ``mid-cleanup``     the coordinator, after the first of the replaced checkpoint's data files
                     was removed and before the others
 ================== ====================================================================

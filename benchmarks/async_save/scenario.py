@@ -8,8 +8,6 @@ until the checkpoint is durable (the handle's wait / the Future's result).
 
 from __future__ import annotations
 
-from typing import Any
-
 from benchmarks.common.config import RunConfig
 from benchmarks.common.report import ScenarioResult, bars, check, collect
 from benchmarks.common.saveloop import run_saves

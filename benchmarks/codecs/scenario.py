@@ -19,6 +19,7 @@ Decoding writes into buffers allocated once (what a load into existing tensors n
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -135,14 +136,10 @@ def _blosc2() -> Any:
 
 def candidates(dtype: str) -> dict[str, Any]:
     out: dict[str, Any] = {"shardsave (auto)": _shardsave("auto"), "zstd-1 (plain)": _shardsave("zstd")}
-    try:
+    with contextlib.suppress(ImportError):
         out["zipnn"] = _zipnn(dtype)
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError):
         out["blosc2"] = _blosc2()
-    except ImportError:
-        pass
     return out
 
 

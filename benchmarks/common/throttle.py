@@ -160,7 +160,7 @@ class ThrottledFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> ThrottledFile:
         if "w" in mode or "a" in mode:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        return ThrottledFile(open(path, mode), self.bucket, mode)  # noqa: SIM115
+        return ThrottledFile(open(path, mode), self.bucket, mode)
 
     def open(self, path: str, mode: str = "rb", **kwargs: Any) -> ThrottledFile:
         return self._open(self._strip_protocol(path), mode)

@@ -129,7 +129,7 @@ def cases(cfg: RunConfig) -> list[tuple[str, int, int, int, int, list[str]]]:
 def run(cfg: RunConfig) -> ScenarioResult:
     spec = cfg.spec()
     spec.full()
-    todo = [(case, n_save, n_load, sd, ld, cfg.engines(names)) for case, n_save, n_load, sd, ld, names in cases(cfg)]
+    todo = [(case, n_save, n_load, sd, ld, names) for case, n_save, n_load, sd, ld, names in cases(cfg)]
     world = max(max(c[1], c[2]) for c in todo)
     records = launch(_load_rank, world, cfg, spec, todo)[0]
     t = collect(records, "seconds")

@@ -29,7 +29,13 @@ COLUMNS = ["step", "ranks", "tensors", "seconds", "peak extra MiB", "index MiB",
 def _measure(n_ranks: int, n_tensors: int) -> dict[str, Any]:
     """(spawned process) Plan a save and a resharding load; time and peak memory of each."""
     from benchmarks.common import memory
-    from shardsave.format.index import CheckpointInfo, FileInfo, Placement, index_from_json, index_to_json
+    from shardsave.format.index import (
+        CheckpointInfo,
+        FileInfo,
+        Placement,
+        index_from_json,
+        index_to_json,
+    )
     from shardsave.plan.load_plan import Region, plan_reads
     from shardsave.plan.save_plan import LeafMeta, ShardSpec, make_rank_plan, merge_plans
 

@@ -34,7 +34,7 @@ def run(cfg: RunConfig) -> ScenarioResult:
     records: list[dict[str, Any]] = []
     for dtype in cfg.dtypes:
         print(f"[throttled] {dtype}, {cfg.throttle_rate / 1e6:.0f} MB/s per node", flush=True)
-        records += run_saves(tcfg, tcfg.spec(dtype), cfg.engines(ENGINES), opts, "throttled")
+        records += run_saves(tcfg, tcfg.spec(dtype), ENGINES, opts, "throttled")
     rows, plot = summarize("throttled", records)
     plot["title"] = f"throttled storage ({cfg.throttle_rate / 1e6:.0f} MB/s per node): logical GB/s"
     checks = []
