@@ -84,6 +84,7 @@ from shardsave.errors import (
     CheckpointExistsError,
     FormatError,
     ShardsaveError,
+    UnsupportedModeError,
     UnsupportedValueError,
 )
 from shardsave.format.dtypes import dtype_name, torch_dtype
@@ -298,7 +299,8 @@ class DCPWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("use_collectives", True) is False:
-            raise NotImplementedError("DCPWriter needs DCP's collectives (a coordinator commits the index)")
+            raise UnsupportedModeError("DCPWriter needs DCP's collectives (a coordinator commits the index); "
+                                       "call dcp.save without no_dist / use_collectives=False")
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank") or 0)
 
@@ -502,7 +504,8 @@ class DCPReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """(each rank) Read the index once and rebuild DCP's Metadata from it."""
         if kwargs.get("rank") is not None:
-            raise NotImplementedError("DCPReader reads one global index, not per-rank metadata")
+            raise UnsupportedModeError("DCPReader reads one global index, not per-rank metadata; "
+                                       "call dcp.load without a per-rank metadata request")
         if not self.path:
             raise ValueError("DCPReader has no path: pass DCPReader(path) or dcp.load(..., checkpoint_id=path)")
         self._storage = Storage.from_url(self.path, self.storage_options)

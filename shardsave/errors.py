@@ -100,6 +100,10 @@ class StateDictMismatchError(ShardsaveError, KeyError):
         return self.message
 
 
+class UnsupportedModeError(ShardsaveError, ValueError):
+    """An option or mode of a caller (e.g. a DCP planner setting) that shardsave does not offer."""
+
+
 class UnsafePickleError(ShardsaveError, ValueError):
     """A foreign pickle (import only) names something outside the allow-list; it was not run."""
 
