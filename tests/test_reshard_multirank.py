@@ -114,6 +114,16 @@ CASES: list[tuple[int, tuple[int, ...], list[Any], int, tuple[int, ...] | None, 
     (4, (2, 2), [_StridedShard(0, split_factor=2), Shard(0)], 2, (2,), [Shard(1)]),
     (2, (2,), [Shard(1)], 4, (2, 2), [_StridedShard(0, split_factor=2), Shard(0)]),
     (3, (3,), [Shard(0)], 2, None, None),
+    # The remaining N -> M pairs of 1..4 (plain Shard(0) -> Shard(0)).
+    (1, (1,), [Shard(0)], 1, (1,), [Shard(0)]),
+    (1, (1,), [Shard(0)], 2, (2,), [Shard(0)]),
+    (1, (1,), [Shard(0)], 3, (3,), [Shard(0)]),
+    (2, (2,), [Shard(0)], 1, (1,), [Shard(0)]),
+    (3, (3,), [Shard(0)], 3, (3,), [Shard(0)]),
+    (3, (3,), [Shard(0)], 4, (4,), [Shard(0)]),
+    (4, (4,), [Shard(0)], 1, (1,), [Shard(0)]),
+    (4, (4,), [Shard(0)], 3, (3,), [Shard(0)]),
+    (4, (4,), [Shard(0)], 4, (4,), [Shard(0)]),
 ]
 
 
