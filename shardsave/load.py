@@ -159,6 +159,7 @@ def _match(
     targets: list[_Target] = []
     json_sets: list[tuple[Leaf, Entry]] = []
     seen: set[str] = set()
+    meshes: dict[int, Any] = {}  # DeviceMesh.mesh is rebuilt on every access: once per mesh
     for leaf in leaves:
         idx_or_none = by_key.get(leaf.key)
         if idx_or_none is None:
@@ -200,7 +201,7 @@ def _match(
                 f"{leaf.key}: checkpoint has {dtype}{list(shape)}, target has {mine[0]}{list(mine[1])}"
             )
             continue
-        targets.append(_target_for(leaf, idx, rank, e, dtype, shape))
+        targets.append(_target_for(leaf, idx, rank, e, dtype, shape, meshes))
     result.unexpected = [k for k in by_key if k not in seen]
     return targets, json_sets, result
 
@@ -233,7 +234,8 @@ def _as_kind(kind: str, t: torch.Tensor) -> Any:
     return t.numpy().view(numpy_dtype(name))
 
 
-def _target_for(leaf: Leaf, idx: int, rank: int, e: Entry, dtype: str, shape: tuple[int, ...]) -> _Target:
+def _target_for(leaf: Leaf, idx: int, rank: int, e: Entry, dtype: str, shape: tuple[int, ...],
+                meshes: dict[int, Any]) -> _Target:
     from torch.distributed.tensor import DTensor
 
     value = leaf.value
@@ -245,7 +247,10 @@ def _target_for(leaf: Leaf, idx: int, rank: int, e: Entry, dtype: str, shape: tu
         local = value.to_local()
         if coord is None:
             return _Target(leaf, idx, rank, local, [], dtype)
-        mesh = Mesh(tuple(value.device_mesh.mesh.shape), tuple(value.device_mesh.mesh.reshape(-1).tolist()))
+        mesh = meshes.get(id(value.device_mesh))
+        if mesh is None:
+            m = value.device_mesh.mesh
+            mesh = meshes[id(value.device_mesh)] = Mesh(tuple(m.shape), tuple(m.reshape(-1).tolist()))
         layout = ShardedLayout(shape, mesh, placements_of(value, leaf.path))
         regions = [Region(box, off) for _, box, off in layout.local_pieces(tuple(coord)) if 0 not in box[1]]
         return _Target(leaf, idx, rank, local, regions, dtype)

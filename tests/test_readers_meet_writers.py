@@ -59,17 +59,22 @@ def on_data_read(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], None
 
     def install(action: Callable[[], None], nth: int = 1) -> None:
         calls = [0]
-        for cls in (Storage, LocalStorage):
-            original = cls.__dict__["read_ranges"]
+        depth = [0]  # LocalStorage.map_ranges may call read_ranges: count the outer call only
+        for cls, method in ((Storage, "read_ranges"), (LocalStorage, "read_ranges"), (LocalStorage, "map_ranges")):
+            original = cls.__dict__[method]
 
-            def read_ranges(self: Storage, requests: list[tuple[str, int, int]], _orig: Any = original) -> list[bytes]:
-                if any(name.startswith("data/") for name, _, _ in requests):
+            def hooked(self: Storage, requests: list[tuple[str, int, int]], _orig: Any = original) -> list[Any]:
+                if depth[0] == 0 and any(name.startswith("data/") for name, _, _ in requests):
                     calls[0] += 1
                     if calls[0] == nth:
                         action()
-                return list(_orig(self, requests))
+                depth[0] += 1
+                try:
+                    return list(_orig(self, requests))
+                finally:
+                    depth[0] -= 1
 
-            monkeypatch.setattr(cls, "read_ranges", read_ranges)
+            monkeypatch.setattr(cls, method, hooked)
 
     return install
 

@@ -15,7 +15,7 @@ from shardsave.codec.base import (
     validate_codec_name,
 )
 from shardsave.codec.checksum import checksum
-from shardsave.codec.chunk import choose_codec, decode_chunk, encode_chunk
+from shardsave.codec.chunk import choose_codec, decode_chunk, decode_chunk_boxes, encode_chunk
 from shardsave.codec.raw import RawCodec
 from shardsave.codec.registry import CODEC_DESCRIPTORS, codec_registry, get_codec
 from shardsave.codec.shuffle import ByteGroupedZstdCodec
@@ -34,6 +34,7 @@ __all__ = [
     "choose_codec",
     "codec_registry",
     "decode_chunk",
+    "decode_chunk_boxes",
     "encode_chunk",
     "get_codec",
     "validate_codec_name",

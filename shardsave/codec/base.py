@@ -85,6 +85,12 @@ class Codec(Protocol):
         :class:`~shardsave.errors.CorruptionError`."""
         ...
 
+    def decode_boxes(self, payload: U8Array, *, raw_length: int, itemsize: int, shape: tuple[int, ...],
+                     copies: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray]]) -> None:
+        """Decode boxes of the chunk (elements row-major in ``shape``) straight into their
+        destinations (see ``_boxes``), moving as few bytes as the codec allows."""
+        ...
+
 
 def as_u8(data: bytes | bytearray | memoryview | np.ndarray, what: str) -> U8Array:
     """A 1-D uint8 view of a contiguous buffer (no copy)."""

@@ -19,12 +19,14 @@ first, with the value from the table of contents.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 import zstandard
 
 from shardsave import knobs
+from shardsave.codec._boxes import BoxCopy
 from shardsave.codec.base import (
     Codec,
     EncodedChunk,
@@ -113,6 +115,44 @@ def decode_chunk(
         raise
     except (zstandard.ZstdError, struct.error, ValueError, IndexError, OverflowError) as exc:
         # The codecs validate what they can name; this is the net under them.
+        raise CorruptionError(f"{descriptor} payload cannot be decoded: {exc}") from exc
+
+
+def decode_chunk_boxes(
+    descriptor: str,
+    payload: bytes | bytearray | memoryview | np.ndarray,
+    *,
+    raw_length: int,
+    itemsize: int,
+    shape: tuple[int, ...],
+    copies: list[BoxCopy],
+) -> None:
+    """Decode the boxes ``copies`` names of a stored chunk straight into their destinations.
+
+    The chunk holds ``shape`` elements of ``itemsize`` bytes, row-major (``raw_length`` bytes
+    in all). Each copy is ``(box, dst)``: ``box`` is ``(offsets, sizes)`` inside the chunk,
+    ``dst`` a writable uint8 array of shape ``(*sizes, itemsize)`` whose last axis is
+    contiguous (a view into a target tensor). Errors as for :func:`decode_chunk`; on error a
+    destination may have been partly written.
+    """
+    codec = get_codec(descriptor)
+    if math.prod(shape) * itemsize != raw_length:
+        raise CorruptionError(f"a chunk of shape {list(shape)} with {itemsize}-byte elements has "
+                              f"{math.prod(shape) * itemsize} bytes, not the declared {raw_length}")
+    for (offs, sizes), dst in copies:
+        if (len(offs) != len(shape) or len(sizes) != len(shape)
+                or any(o < 0 or n < 0 or o + n > s for o, n, s in zip(offs, sizes, shape))):
+            raise CodecError(f"box at {list(offs)} of size {list(sizes)} is not inside a chunk of shape {list(shape)}")
+        if (not isinstance(dst, np.ndarray) or dst.dtype != np.uint8 or not dst.flags.writeable
+                or dst.shape != (*sizes, itemsize) or (itemsize > 1 and dst.size and dst.strides[-1] != 1)):
+            raise CodecError(f"a box destination must be a writable uint8 array of shape {(*sizes, itemsize)} "
+                             "with a contiguous last axis")
+    data = as_u8(payload, f"{descriptor} payload")
+    try:
+        codec.decode_boxes(data, raw_length=raw_length, itemsize=itemsize, shape=tuple(shape), copies=copies)
+    except ShardsaveError:
+        raise
+    except (zstandard.ZstdError, struct.error, ValueError, IndexError, OverflowError) as exc:
         raise CorruptionError(f"{descriptor} payload cannot be decoded: {exc}") from exc
 
 

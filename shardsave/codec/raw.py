@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardsave.codec._boxes import BoxCopy, copy_boxes
 from shardsave.codec.base import Buffer, U8Array
 from shardsave.errors import CorruptionError
 
@@ -34,3 +35,11 @@ class RawCodec:
                 f"raw/1 payload has {payload.size} bytes, expected raw length {raw_length}"
             )
         np.copyto(out, payload)
+
+    def decode_boxes(self, payload: U8Array, *, raw_length: int, itemsize: int, shape: tuple[int, ...],
+                     copies: list[BoxCopy]) -> None:
+        if payload.size != raw_length:
+            raise CorruptionError(
+                f"raw/1 payload has {payload.size} bytes, expected raw length {raw_length}"
+            )
+        copy_boxes(payload, shape, itemsize, copies)

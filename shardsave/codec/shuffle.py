@@ -34,6 +34,7 @@ import numpy as np
 import zstandard
 
 from shardsave import knobs
+from shardsave.codec._boxes import BoxCopy, ungroup_boxes
 from shardsave.codec._bytegroup import group_into, ungroup_into
 from shardsave.codec._threadlocal import compressor, scratch
 from shardsave.codec._zstd_frame import decompress_into
@@ -107,8 +108,18 @@ class ByteGroupedZstdCodec:
         return payload[: head + end]  # the unused tail is freed with the payload
 
     def decode(self, payload: U8Array, *, raw_length: int, itemsize: int, out: U8Array) -> None:
-        k, n, streams = parse_header(payload, raw_length=raw_length, itemsize=itemsize)
-        what = self.descriptor
+        ungroup_into(self._streams(payload, raw_length=raw_length, itemsize=itemsize), out, itemsize)
+
+    def decode_boxes(self, payload: U8Array, *, raw_length: int, itemsize: int, shape: tuple[int, ...],
+                     copies: list[BoxCopy]) -> None:
+        """Only the boxes' elements are interleaved, straight into their destinations; the
+        compressed streams are still decompressed whole (a zstd frame has no random access)."""
+        ungroup_boxes(self._streams(payload, raw_length=raw_length, itemsize=itemsize), shape, itemsize, copies)
+
+    def _streams(self, payload: U8Array, *, raw_length: int, itemsize: int) -> list[U8Array]:
+        """The chunk's byte streams: raw ones as views of the payload, compressed ones
+        decompressed into this thread's scratch (valid until its next decode)."""
+        _, n, streams = parse_header(payload, raw_length=raw_length, itemsize=itemsize)
         compressed = sum(1 for mode, _, _ in streams if mode == MODE_ZSTD)
         buf = scratch("shuffle-decode", compressed * n)
         sources: list[U8Array] = []
@@ -120,9 +131,9 @@ class ByteGroupedZstdCodec:
             else:
                 target = buf[used : used + n]
                 used += n
-                decompress_into(view[start : start + length], target, f"{what} stream {j}")
+                decompress_into(view[start : start + length], target, f"{self.descriptor} stream {j}")
                 sources.append(target)
-        ungroup_into(sources, out, k)
+        return sources
 
 
 def parse_header(

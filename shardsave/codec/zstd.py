@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardsave import knobs
-from shardsave.codec._threadlocal import compressor
+from shardsave.codec._boxes import BoxCopy, copy_boxes
+from shardsave.codec._threadlocal import compressor, scratch
 from shardsave.codec._zstd_frame import decompress_into
 from shardsave.codec.base import Buffer, U8Array
 
@@ -30,3 +31,9 @@ class ZstdCodec:
 
     def decode(self, payload: U8Array, *, raw_length: int, itemsize: int, out: U8Array) -> None:
         decompress_into(payload.data, out, self.descriptor)
+
+    def decode_boxes(self, payload: U8Array, *, raw_length: int, itemsize: int, shape: tuple[int, ...],
+                     copies: list[BoxCopy]) -> None:
+        out = scratch("zstd-decode", raw_length)
+        decompress_into(payload.data, out, self.descriptor)
+        copy_boxes(out, shape, itemsize, copies)

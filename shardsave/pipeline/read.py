@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from shardsave import knobs
-from shardsave.codec import checksum, decode_chunk
+from shardsave.codec import checksum, decode_chunk, decode_chunk_boxes
 from shardsave.errors import CorruptionError, FormatError, LimitExceededError
 from shardsave.format.dtypes import itemsize_of, torch_dtype
 from shardsave.format.index import CheckpointInfo, FileInfo
 from shardsave.format.toc import TocLookup, decode_toc
+from shardsave.plan.layout import ShardedLayout
 from shardsave.plan.load_plan import ChunkRead, Region, plan_reads, stored_pieces
 from shardsave.storage import Storage
 
@@ -91,11 +92,12 @@ def prepare_reads(
     uninitialised): what an index declares is believed only as far as the data files back it.
     """
     ranks: set[int] = set()
+    layouts: dict[int, ShardedLayout] = {}
     for entry_index, rank, regions in requests:
         for region in regions:
-            ranks.update(r for _, _, r in stored_pieces(info, entry_index, region.box, rank))
+            ranks.update(r for _, _, r in stored_pieces(info, entry_index, region.box, rank, layouts))
     tocs = load_tocs(storage, [info.file_of_rank(r) for r in sorted(ranks)], cipher=cipher)
-    reads = plan_reads(info, requests, max_reads=sum(len(t.rows) for t in tocs.values()))
+    reads = plan_reads(info, requests, max_reads=sum(len(t.rows) for t in tocs.values()), layouts=layouts)
     covered = 0
     for cr in reads:
         row = tocs[cr.rank].find(cr.entry, cr.piece, cr.chunk)
@@ -187,10 +189,12 @@ def execute_reads(
         located.append((cr, row, f))
     located.sort(key=lambda t: (t[2].rank, int(t[1]["offset"])))
 
-    # Two batches in flight: the next one is read while the current one is decoded, so the
-    # storage and the decoder threads work at the same time. Each is half the budget, so a
-    # load's extra memory stays within ``knobs.read_batch_bytes()``.
-    budget = max(1, knobs.read_batch_bytes() // 2)
+    # Batches overlap: while the decoder threads work through one batch, the next one is
+    # already queued behind it and the one after that is being read, so neither the storage
+    # nor the threads wait at batch boundaries. Each batch is a third of the budget, so a
+    # load's extra memory stays within ``knobs.read_batch_bytes()`` (local files are mapped,
+    # and their pages are the page cache's).
+    budget = max(1, knobs.read_batch_bytes(local=storage.is_local) // 3)
     batches: list[list[tuple[ChunkRead, np.void, FileInfo]]] = [[]]
     size = 0
     for item in located:
@@ -202,13 +206,16 @@ def execute_reads(
     with cf.ThreadPoolExecutor(knobs.io_threads(), thread_name_prefix="shardsave-decode") as pool, \
             cf.ThreadPoolExecutor(1, thread_name_prefix="shardsave-fetch") as fetcher:
         fetched = fetcher.submit(_fetch, storage, batches[0])
+        queued: list[cf.Future[None]] = []
         for i in range(len(batches)):
             spans, blobs = fetched.result()
             if i + 1 < len(batches):
                 fetched = fetcher.submit(_fetch, storage, batches[i + 1])
             futures = _submit_decodes(storage, info, spans, blobs, targets, dtypes, pool, cipher)
-            _wait(futures)
             del spans, blobs
+            _wait(queued)
+            queued = futures
+        _wait(queued)
 
 
 def _wait(futures: list[cf.Future[None]]) -> None:
@@ -219,7 +226,7 @@ def _wait(futures: list[cf.Future[None]]) -> None:
 Span = list[tuple[ChunkRead, np.void, FileInfo]]
 
 
-def _fetch(storage: Storage, batch: Span) -> tuple[list[tuple[Span, int]], list[bytes]]:
+def _fetch(storage: Storage, batch: Span) -> tuple[list[tuple[Span, int]], list[bytes | memoryview]]:
     """Read one batch: its chunks as spans of neighbouring ranges, one request per span."""
     # Merge neighbouring ranges of one file into one request: fewer round trips on object
     # stores, and the surplus bytes in a small gap cost less than another request.
@@ -236,7 +243,7 @@ def _fetch(storage: Storage, batch: Span) -> tuple[list[tuple[Span, int]], list[
     requests = [
         (s[0][2].name, int(s[0][1]["offset"]), int(s[-1][1]["offset"]) + int(s[-1][1]["length"])) for s in spans
     ]
-    blobs = storage.read_ranges(requests)
+    blobs = storage.map_ranges(requests)
     return [(span, start) for span, (_, start, _) in zip(spans, requests)], blobs
 
 
@@ -244,7 +251,7 @@ def _submit_decodes(
     storage: Storage,
     info: CheckpointInfo,
     spans: list[tuple[Span, int]],
-    blobs: list[bytes],
+    blobs: list[bytes | memoryview],
     targets: Sequence[torch.Tensor],
     dtypes: Sequence[str],
     pool: cf.ThreadPoolExecutor,
@@ -278,22 +285,33 @@ def _scratch_bytes(n: int) -> np.ndarray:
     return buf[:n]
 
 
-def _direct_target(cr: ChunkRead, targets: Sequence[torch.Tensor], dtype: torch.dtype) -> np.ndarray | None:
-    """The target memory a chunk can be decoded straight into, if any: the chunk goes whole
-    into one contiguous region of one target of its dtype (same-layout loads, and most
-    ``Shard(0)`` reshards). Saves a buffer and a copy per chunk."""
-    if len(cr.copies) != 1:
-        return None
-    cp = cr.copies[0]
-    if tuple(cp.src[1]) != tuple(cr.shape) or any(cp.src[0]):
-        return None
-    dst = targets[cp.target]
-    if dst.dtype != dtype or dst.device.type != "cpu" or dst.is_conj() or dst.is_neg():
-        return None
-    view = dst[_slices(cp.dst)] if cp.dst[0] else dst
-    if not view.is_contiguous() or view.numel() == 0:
-        return None
-    return view.detach().reshape(-1).view(torch.uint8).numpy()
+def _box_destinations(cr: ChunkRead, targets: Sequence[torch.Tensor], dtype: torch.dtype
+                      ) -> list[tuple[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray]] | None:
+    """Each copy of ``cr`` as ``(box in the chunk, uint8 view of its target region)``, for
+    decoding straight into the targets; None unless every region can be viewed so (a CPU
+    target of the stored dtype, not conjugated or negated, last dimension contiguous). Saves
+    a scratch buffer and a copy per chunk, and for byte-grouped floats only the elements a
+    target wants are interleaved."""
+    out = []
+    for cp in cr.copies:
+        dst = targets[cp.target]
+        if dst.dtype != dtype or dst.device.type != "cpu" or dst.is_conj() or dst.is_neg():
+            return None
+        view = dst[_slices(cp.dst)] if cp.dst[0] else dst
+        if view.numel() == 0:
+            continue
+        if view.dim() == 0:
+            view = view.reshape(1)
+        if view.stride(-1) != 1 and view.shape[-1] != 1:
+            return None
+        arr = view.detach().view(torch.uint8).numpy()
+        shaped = arr.view()
+        try:
+            shaped.shape = (*cp.src[1], dtype.itemsize)  # a view or an error, never a copy
+        except AttributeError:
+            return None
+        out.append(((tuple(cp.src[0]), tuple(cp.src[1])), shaped))
+    return out
 
 
 def _decode_and_copy(
@@ -322,11 +340,12 @@ def _decode_and_copy(
     if raw_length != numel * dtype.itemsize:
         raise CorruptionError(f"{where} declares {raw_length} raw bytes, expected {numel * dtype.itemsize} "
                               f"for shape {list(cr.shape)} of {dtype}")
-    # Plain checkpoints decode straight into the target where the chunk maps onto it whole;
-    # encrypted ones never put unauthenticated bytes into a target, so they go via scratch.
-    direct = _direct_target(cr, targets, dtype) if cipher is None else None
-    if direct is not None and direct.nbytes == raw_length:
-        decode_stored(cipher, info.codecs[codec_id], payload, row, out=direct, itemsize=dtype.itemsize, where=where)
+    # Plain checkpoints decode straight into the targets' memory; encrypted ones never put
+    # unauthenticated bytes into a target, so they go via scratch.
+    boxes = _box_destinations(cr, targets, dtype) if cipher is None else None
+    if boxes is not None:
+        decode_chunk_boxes(info.codecs[codec_id], payload, raw_length=raw_length, itemsize=dtype.itemsize,
+                           shape=tuple(cr.shape), copies=boxes)
         return
     out = _scratch_bytes(raw_length)
     decode_stored(cipher, info.codecs[codec_id], payload, row, out=out, itemsize=dtype.itemsize, where=where)

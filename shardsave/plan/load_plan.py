@@ -17,7 +17,7 @@ from shardsave.errors import FormatError
 from shardsave.format.dtypes import itemsize_of
 from shardsave.format.index import CheckpointInfo, Entry
 from shardsave.plan.chunking import chunks_overlapping
-from shardsave.plan.layout import Box, intersect, resolve
+from shardsave.plan.layout import Box, ShardedLayout, intersect, resolve
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,12 @@ class ChunkRead:
     copies: list[Copy] = field(default_factory=list)
 
 
-def stored_pieces(info: CheckpointInfo, entry_index: int, box: Box, rank: int) -> list[tuple[int, Box, int]]:
+def stored_pieces(info: CheckpointInfo, entry_index: int, box: Box, rank: int,
+                  layouts: dict[int, ShardedLayout] | None = None) -> list[tuple[int, Box, int]]:
     """Stored pieces of an entry overlapping ``box``: (piece id, piece box, file rank).
 
-    ``rank`` selects the saved rank's value of a per-rank entry.
+    ``rank`` selects the saved rank's value of a per-rank entry. ``layouts`` caches the
+    entries' resolved layouts across calls (one per entry, however many regions ask).
     """
     e = info.entries[entry_index]
     assert e.layout is not None
@@ -68,7 +70,11 @@ def stored_pieces(info: CheckpointInfo, entry_index: int, box: Box, rank: int) -
     if e.layout.type == "boxes":  # listed one by one: a scan (writers such as DCP's cut few)
         return [(i, (off, size), w) for i, (off, size, w) in enumerate(e.layout.pieces)
                 if 0 not in size and intersect((off, size), box) is not None]
-    layout = resolve(e.layout, e.shape, info.meshes)
+    layout = layouts.get(entry_index) if layouts is not None else None
+    if layout is None:
+        layout = resolve(e.layout, e.shape, info.meshes)
+        if layouts is not None:
+            layouts[entry_index] = layout
     return [
         (layout.piece_id(slots), pbox, layout.writer_rank(entry_index, slots))
         for slots, pbox, _ in layout.overlapping(box)
@@ -89,6 +95,7 @@ def plan_reads(
     requests: list[tuple[int, int, list[Region]]],
     *,
     max_reads: int | None = None,
+    layouts: dict[int, ShardedLayout] | None = None,
 ) -> list[ChunkRead]:
     """Chunk reads for targets given as (entry index, saved rank for per-rank entries, regions).
 
@@ -98,11 +105,12 @@ def plan_reads(
     declaring absurd shapes or a tiny ``chunk_bytes`` cannot make planning run for hours.
     """
     reads: dict[tuple[int, int, int, int], ChunkRead] = {}
+    layouts = {} if layouts is None else layouts
     for target_id, (entry_index, rank, regions) in enumerate(requests):
         e = info.entries[entry_index]
         itemsize = itemsize_of(_dtype_of(e, rank))
         for region in regions:
-            for piece, pbox, file_rank in stored_pieces(info, entry_index, region.box, rank):
+            for piece, pbox, file_rank in stored_pieces(info, entry_index, region.box, rank, layouts):
                 ov = intersect(pbox, region.box) if pbox[0] else ((), ())
                 if ov is None:
                     continue

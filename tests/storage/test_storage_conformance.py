@@ -341,3 +341,43 @@ def test_makedirs(storage: Storage) -> None:
     assert storage.listdir() == []
     storage.write_atomic("a/b/f", b"1")
     assert storage.listdir("a") == ["a/b/f"]
+
+
+# -- map_ranges: read_ranges' contract, possibly without a copy ------------------------
+
+
+@pytest.mark.parametrize("mmap_on", [1, 0])
+def test_map_ranges_matches_read_ranges(storage: Storage, mmap_on: int) -> None:
+    from shardsave import knobs
+
+    a = _random_bytes(300_000, seed=3)
+    b = _random_bytes(70_000, seed=4)
+    _write(storage, "data/a.bin", a)
+    _write(storage, "data/b.bin", b)
+    requests = [
+        ("data/a.bin", 65_537, 200_001),  # starts off a page / allocation boundary
+        ("data/b.bin", 0, 0),
+        ("data/a.bin", 0, 1),
+        ("data/b.bin", 70_000, 70_000),
+        ("data/a.bin", 299_999, 300_000),
+        ("data/b.bin", 1, 70_000),
+        ("data/a.bin", 65_537, 200_001),  # the same range twice
+    ]
+    with knobs.override(LOCAL_MMAP=mmap_on):
+        got = storage.map_ranges(requests)
+        assert [bytes(g) for g in got] == [(a if n.endswith("a.bin") else b)[s:e] for n, s, e in requests]
+        assert storage.map_ranges([]) == []
+
+
+def test_map_ranges_errors_name_the_file(storage: Storage) -> None:
+    _write(storage, "a.bin", b"a" * 100)
+    with pytest.raises(StorageError) as info:
+        storage.map_ranges([("a.bin", 0, 10), ("a.bin", 90, 110)])
+    assert not isinstance(info.value, MissingFileError)
+    assert storage.full_path("a.bin") in str(info.value)
+    assert "[90, 110)" in str(info.value)
+    with pytest.raises(MissingFileError) as missing:
+        storage.map_ranges([("nope.bin", 0, 10)])
+    assert storage.full_path("nope.bin") in str(missing.value)
+    with pytest.raises(ValueError, match="invalid byte range"):
+        storage.map_ranges([("a.bin", 5, 4)])
