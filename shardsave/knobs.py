@@ -18,8 +18,9 @@ _DEFAULTS: dict[str, int | float] = {
     # bookkeeping (a TOC row and a few Python calls each). Measured on the benchmark's trained
     # weights (288 MiB, auto codec, one thread): 16, 4 and 1 MiB chunks store 1.2058x /
     # 1.2058x / 1.2057x (fp32) and 1.5182x at all three (bf16), encoding at the same speed
-    # within noise (0.48-0.52 GB/s); 4 MiB instead of 16 MiB cut a 2->3 resharding load's
-    # time by ~40% (benchmarks/load, before box decoding).
+    # within noise (0.48-0.52 GB/s). Since a load interleaves only the elements its targets
+    # want (codec/_boxes.py), the surplus left is checksumming and decompressing exponent
+    # streams of partly wanted chunks.
     "CHUNK_BYTES": 4 * 1024 * 1024,
     # Encoder/decoder threads per rank. zstandard and numpy copies release the GIL.
     "IO_THREADS": max(1, min(8, os.cpu_count() or 1)),

@@ -117,8 +117,8 @@ class _World:
                 if isinstance(obj, Connection) or self._conns[i].poll():
                     try:
                         kind, value = self._conns[i].recv()
-                    except EOFError:
-                        kind, value = "error", f"rank {i} exited without a result"
+                    except (EOFError, OSError):
+                        kind, value = "error", f"rank {i} exited without a result (exit code {self._procs[i].exitcode})"
                 else:
                     kind, value = "error", f"rank {i} died with exit code {self._procs[i].exitcode}"
                 pending.discard(i)
