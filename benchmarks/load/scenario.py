@@ -6,6 +6,9 @@ Cases (``N -> M``: saved on N ranks, loaded on M):
 * ``Shard(0)`` 2 -> 3 and 4 -> 2 (other world sizes);
 * ``Shard(0)`` -> ``Shard(1)`` on W ranks (other placement, every 2-D tensor resharded).
 
+Engines: shardsave (default codec), shardsave[raw] (saved with ``codec="raw"``: the same
+load path without decompression, for reference) and DCP.
+
 One spawn of max(N, M) over all cases runs them in turn; saving uses a sub-group of the
 first N ranks and loading one of the first M (``DeviceMesh.from_group``). Each engine saves its checkpoint
 once (untimed); then the loads run interleaved, rep 0 cold and 1..N warm, into
@@ -118,7 +121,9 @@ def _load_case(cfg: RunConfig, spec: DataSpec, n_save: int, n_load: int, save_di
 
 def cases(cfg: RunConfig) -> list[tuple[str, int, int, int, int, list[str]]]:
     w = cfg.world_size
-    both = ["shardsave", "dcp"]
+    # shardsave[raw]: the same load without decompression (a checkpoint saved with
+    # codec="raw"), for reference; the targets are the default codec's.
+    both = ["shardsave", "shardsave[raw]", "dcp"]
     out = [(f"same layout {w}->{w} Shard(0)", w, w, 0, 0, [*both, "torch.save"]),
            ("reshard 2->3 Shard(0)", 2, 3, 0, 0, both),
            ("reshard 4->2 Shard(0)", 4, 2, 0, 0, both),
@@ -147,14 +152,16 @@ def run(cfg: RunConfig) -> ScenarioResult:
                      "speed x torch.load": tl.median / s.median if tl and tl.median and s.median else None,
                      "bitwise ok": {True: "yes", False: "NO", None: "-"}[ok]})
 
-    def speed(case_prefix: str) -> float | None:
-        r = next((r for r in rows if r["case"].startswith(case_prefix) and r["engine"] == "shardsave"), None)
+    def speed(case_prefix: str, engine: str = "shardsave") -> float | None:
+        r = next((r for r in rows if r["case"].startswith(case_prefix) and r["engine"] == engine), None)
         return r["speed x DCP"] if r else None
 
     checks = [check("resharding load 2->3 Shard(0), speed x DCP", speed("reshard 2->3"), ">=", 1.5),
               check("resharding load 4->2 Shard(0), speed x DCP", speed("reshard 4->2"), ">=", 1.5),
               check("resharding load Shard(0)->Shard(1), speed x DCP", speed("reshard Shard(0)->Shard(1)"), ">=", 1.0),
-              check("same-layout load, speed x DCP (no target; for reference)", speed("same layout"), ">=", 0.0)]
+              check("same-layout load, speed x DCP (no target; for reference)", speed("same layout"), ">=", 0.0),
+              check("resharding load 2->3, raw codec, speed x DCP (no target; for reference)",
+                    speed("reshard 2->3", "shardsave[raw]"), ">=", 0.0)]
     logical = {r["case"]: r["logical_bytes"] for r in records}
     plot = {"title": "load: logical GB/s, page cache evicted (higher is better)", "xlabel": "GB/s",
             "bars": bars(t, lambda case, v: logical[case] / v / 1e9 if v else 0.0)}
