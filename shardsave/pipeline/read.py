@@ -302,13 +302,10 @@ def _box_destinations(cr: ChunkRead, targets: Sequence[torch.Tensor], dtype: tor
             continue
         if view.dim() == 0:
             view = view.reshape(1)
-        if view.stride(-1) != 1 and view.shape[-1] != 1:
-            return None
-        arr = view.detach().view(torch.uint8).numpy()
-        shaped = arr.view()
         try:
+            shaped = view.detach().view(torch.uint8).numpy().view()  # needs a unit last stride
             shaped.shape = (*cp.src[1], dtype.itemsize)  # a view or an error, never a copy
-        except AttributeError:
+        except (RuntimeError, AttributeError):
             return None
         out.append(((tuple(cp.src[0]), tuple(cp.src[1])), shaped))
     return out
@@ -344,8 +341,11 @@ def _decode_and_copy(
     # unauthenticated bytes into a target, so they go via scratch.
     boxes = _box_destinations(cr, targets, dtype) if cipher is None else None
     if boxes is not None:
-        decode_chunk_boxes(info.codecs[codec_id], payload, raw_length=raw_length, itemsize=dtype.itemsize,
-                           shape=tuple(cr.shape), copies=boxes)
+        try:
+            decode_chunk_boxes(info.codecs[codec_id], payload, raw_length=raw_length, itemsize=dtype.itemsize,
+                               shape=tuple(cr.shape), copies=boxes)
+        except CorruptionError as exc:
+            raise CorruptionError(f"{where}: {exc}") from exc
         return
     out = _scratch_bytes(raw_length)
     decode_stored(cipher, info.codecs[codec_id], payload, row, out=out, itemsize=dtype.itemsize, where=where)
