@@ -12,7 +12,8 @@ import torch
 from shardsave.codec import decode_chunk, decode_chunk_boxes, encode_chunk
 from shardsave.codec._boxes import flat_range
 from shardsave.errors import CodecError, CorruptionError
-from tests.codec.helpers import DTYPES
+
+from .helpers import DTYPES
 
 SHAPES = [(), (1,), (37,), (12, 9), (5, 1, 7), (3, 4, 2, 5)]
 
