@@ -100,6 +100,31 @@ def test_save_every_retention_and_restore(tmp_path: Path, use_async: bool) -> No
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_async", [False, True])
+def test_encrypted_checkpoints_through_the_manager(tmp_path: Path, use_async: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHARDSAVE_KEY_FILE", raising=False)
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    root = str(tmp_path / "run")
+    mgr = ss.CheckpointManager(root, keep_last=2, async_save=use_async, encryption_key=key)
+    for step in (1, 2, 3):
+        mgr.save(step, _state(step), metrics={"loss": 1.0 / step})
+    mgr.wait()
+    assert mgr.steps() == [2, 3] and mgr.metrics(3) == {"loss": 1.0 / 3}
+    assert mgr.info(3).encryption is not None  # saved encrypted, index authenticated with the key
+    target = _state(0)
+    assert mgr.restore(target) == 3 and torch.equal(target["w"], torch.full((4, 3), 3.0))
+    with pytest.raises(ss.KeyRequiredError):
+        ss.CheckpointManager(root).restore(_state(0))
+    with pytest.raises(ss.WrongKeyError):
+        ss.CheckpointManager(root, encryption_key=other).restore(_state(0))
+    with pytest.raises(ss.WrongKeyError):
+        ss.CheckpointManager(root, encryption_key=other).info(3)
+    with pytest.raises(ValueError, match="32"):
+        ss.CheckpointManager(root, encryption_key=b"short")
+
+
+@pytest.mark.timeout(60)
 def test_uncommitted_directories_are_ignored_and_garbage_collected(tmp_path: Path) -> None:
     mgr = ss.CheckpointManager(str(tmp_path), keep_last=None)
     assert mgr.restore(_state(0)) is None and mgr.latest_step() is None and mgr.steps() == []

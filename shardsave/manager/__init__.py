@@ -51,7 +51,7 @@ from shardsave.dist.comm import Comm, describe_error
 from shardsave.errors import CheckpointNotFoundError, UnsupportedValueError
 from shardsave.format.index import CheckpointInfo
 from shardsave.format.names import INDEX_NAME
-from shardsave.load import LoadResult, load, read_index
+from shardsave.load import LoadResult, load, open_checkpoint, read_index
 from shardsave.manager.preemption import PreemptionGuard
 from shardsave.manager.retention import (
     CheckpointRecord,
@@ -104,7 +104,9 @@ class CheckpointManager:
     ``save_every``: ``save(step, ...)`` does nothing unless ``step % save_every == 0``
     (or ``force=True``); ``async_save``: saves return after staging and write in the
     background (at most one in flight). ``retention`` replaces the policies built from
-    the keep_* arguments.
+    the keep_* arguments. ``encryption_key`` (32 bytes): every checkpoint is saved
+    encrypted and authenticated with it, and restored and inspected with it (see
+    ``ss.save``); without it, restoring an encrypted checkpoint uses ``SHARDSAVE_KEY_FILE``.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class CheckpointManager:
         *,
         codec: str = "auto",
         retention: Sequence[RetentionPolicy] | None = None,
+        encryption_key: bytes | None = None,
     ) -> None:
         if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
             raise ValueError(f"save_every must be an int >= 1 (or None: save whenever asked), got {save_every!r}")
@@ -145,6 +148,11 @@ class CheckpointManager:
         self.storage_options = dict(storage_options or {})
         self.process_group = process_group
         self.codec = codec
+        if encryption_key is not None:
+            from shardsave.crypto import check_key
+
+            check_key(encryption_key)
+        self._key = encryption_key
         self.storage = Storage.from_url(root, self.storage_options)
         self.root = self.storage.url
         self._handle: AsyncSaveHandle | None = None
@@ -196,7 +204,10 @@ class CheckpointManager:
 
     def info(self, step: int) -> CheckpointInfo:
         """The committed checkpoint of ``step``, parsed (CheckpointNotFoundError if none)."""
-        return read_index(self.storage.child(step_dir_name(step)))
+        storage = self.storage.child(step_dir_name(step))
+        if self._key is None:
+            return read_index(storage)
+        return open_checkpoint(storage, self._key)[0]  # authenticated with the key
 
     def metrics(self, step: int) -> dict[str, float | None]:
         """The metrics saved with ``step``."""
@@ -260,6 +271,7 @@ class CheckpointManager:
             handle = start_async_save(
                 state_dict, path, process_group=self.process_group, codec=self.codec, metadata=md,
                 storage_options=self.storage_options, overwrite=overwrite, before=before, after=after,
+                encryption_key=self._key,
             )
             self._handle, self._handle_step = handle, step
             self.last_save_blocked_s = time.perf_counter() - t0
@@ -270,7 +282,7 @@ class CheckpointManager:
         except Exception as exc:  # leftovers are harmless; leaving the protocol is not
             log.warning("could not remove leftovers of step %d: %s", step, describe_error(exc))
         info = save(state_dict, path, process_group=self.process_group, codec=self.codec, metadata=md,
-                    storage_options=self.storage_options, overwrite=overwrite)
+                    storage_options=self.storage_options, overwrite=overwrite, encryption_key=self._key)
         try:
             after(comm, self.storage, info)
         except Exception as exc:  # the checkpoint is committed; retention is best effort
@@ -322,7 +334,8 @@ class CheckpointManager:
         target = state.state_dict() if stateful else state
         check = getattr(state, "check_load_result", None) if stateful else None
         result: LoadResult = load(target, self.path(chosen), process_group=self.process_group,
-                                  strict=strict and check is None, storage_options=self.storage_options)
+                                  strict=strict and check is None, storage_options=self.storage_options,
+                                  encryption_key=self._key)
         if check is not None:
             check(result)
         if stateful:
