@@ -78,6 +78,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from shardsave import knobs
+from shardsave.claim import NO_INDEX, ConcurrentSaveError, commit_claim, index_base
 from shardsave.codec import CODEC_DESCRIPTORS, validate_codec_name
 from shardsave.errors import (
     CheckpointError,
@@ -269,6 +270,7 @@ class DCPWriter(StorageWriter):
         self._chunk_bytes = knobs.chunk_bytes()
         self._tensors: list[_TensorEntry] = []
         self._old_files: tuple[str, ...] = ()
+        self._base = NO_INDEX
 
     # -- identity ---------------------------------------------------------------------
 
@@ -278,6 +280,7 @@ class DCPWriter(StorageWriter):
         self._save_id = None
         self._tensors = []
         self._old_files = ()
+        self._base = NO_INDEX
 
     @property
     def checkpoint_id(self) -> str | None:
@@ -310,7 +313,8 @@ class DCPWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """(coordinator) Overwrite check, save id, and every tensor chunk's entry and piece."""
         storage = self._storage()
-        if storage.exists(INDEX_NAME):
+        self._base = index_base(storage)  # what the commit must still find (shardsave.claim)
+        if self._base != NO_INDEX:
             if not self.overwrite:
                 raise CheckpointExistsError(
                     f"{storage.full_path(INDEX_NAME)} already holds a committed checkpoint; pass "
@@ -429,8 +433,15 @@ class DCPWriter(StorageWriter):
             format_version=FORMAT_VERSION,
         )
         storage = self._storage()
-        # The commit point: before this line nothing is visible, after it everything is.
-        storage.write_atomic(INDEX_NAME, index_to_json(info))
+        try:
+            # Conditional on the index still being the one planned against (shardsave.claim).
+            with commit_claim(storage, self._base, self._save_id):
+                # The commit point: before this line nothing is visible, after it everything is.
+                storage.write_atomic(INDEX_NAME, index_to_json(info))
+        except ConcurrentSaveError:
+            with contextlib.suppress(Exception):  # this save's files are garbage now
+                storage.remove([f.name for f in files])
+            raise
         stale = [n for n in self._old_files if n not in {f.name for f in files}]
         if stale:
             with contextlib.suppress(Exception):  # leftovers are harmless; gc removes them

@@ -12,7 +12,9 @@ What is garbage (docs/FORMAT.md, section 1):
 * in a committed checkpoint, data files whose save id the index does not name: left by a
   failed overwrite, or by an overwrite that stopped between its commit and the deletion
   of the old files;
-* temporary files (``<name>.tmp-<hex>``) of a commit that never finished.
+* temporary files (``<name>.tmp-<hex>``) of a commit that never finished;
+* commit claims (``.commit-claim-<base>``, see ``shardsave.claim``) left by a crash in the
+  instant of a commit.
 
 Why a minimum age: a save in progress looks exactly like a dead one. Its directory has no
 index yet, and during an overwrite its new data files carry a save id that the (old)
@@ -33,7 +35,13 @@ from typing import Any, Literal
 
 from shardsave.errors import ShardsaveError, StorageError
 from shardsave.format.index import CheckpointInfo
-from shardsave.format.names import DATA_DIR, INDEX_NAME, TMP_INFIX, parse_data_file_name
+from shardsave.format.names import (
+    CLAIM_PREFIX,
+    DATA_DIR,
+    INDEX_NAME,
+    TMP_INFIX,
+    parse_data_file_name,
+)
 from shardsave.load import read_index
 from shardsave.manager import parse_step_dir
 from shardsave.storage import Storage
@@ -221,6 +229,10 @@ def _is_temporary(name: str) -> bool:
     return TMP_INFIX in name.rsplit("/", 1)[-1]
 
 
+def _is_claim(name: str) -> bool:
+    return "/" not in name and name.startswith(CLAIM_PREFIX)
+
+
 def _plan_one(ckpt: CheckpointDir, now: float, min_age_s: float) -> list[GcAction]:
     def action(what: Literal["directory", "files"], files: list[FileStat], reason: str,
                save_id: str | None = None) -> GcAction:
@@ -234,7 +246,7 @@ def _plan_one(ckpt: CheckpointDir, now: float, min_age_s: float) -> list[GcActio
                                                     "an interrupted or failed save")]
         # Not a step directory: remove only the files shardsave itself names, never a
         # directory that might hold something else.
-        ours = [f for f in ckpt.files if parse_data_file_name(f.name) or _is_temporary(f.name)]
+        ours = [f for f in ckpt.files if parse_data_file_name(f.name) or _is_temporary(f.name) or _is_claim(f.name)]
         return [action("files", ours, "uncommitted checkpoint (no index.json): data files of an "
                                       "interrupted or failed save")] if ours else []
     if ckpt.info is None:
@@ -251,6 +263,10 @@ def _plan_one(ckpt: CheckpointDir, now: float, min_age_s: float) -> list[GcActio
     tmp = [f for f in ckpt.files if _is_temporary(f.name)]
     if tmp:
         actions.append(action("files", tmp, "temporary files of an unfinished write", ckpt.info.save_id))
+    claims = [f for f in ckpt.files if _is_claim(f.name)]
+    if claims:
+        actions.append(action("files", claims, "commit claims left by a crash during a commit (they block saves "
+                                               "based on this index until stale)", ckpt.info.save_id))
     return actions
 
 

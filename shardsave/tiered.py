@@ -36,6 +36,7 @@ from dataclasses import replace
 from typing import Any
 
 from shardsave import knobs
+from shardsave.claim import NO_INDEX, commit_claim, index_base
 from shardsave.dist.comm import Comm, describe_error
 from shardsave.errors import (
     CheckpointError,
@@ -89,26 +90,34 @@ def _copy_file(src: Storage, dst: Storage, f: FileInfo) -> None:
     raise last
 
 
-def _remote_state(dst: Storage, overwrite: bool) -> tuple[str, ...]:
-    """Names of the remote checkpoint's files that a commit would replace; refuses an
-    existing remote checkpoint unless ``overwrite``."""
-    if not dst.exists(INDEX_NAME):
-        return ()
+def _remote_state(dst: Storage, overwrite: bool) -> tuple[tuple[str, ...], str]:
+    """Names of the remote checkpoint's files that a commit would replace, and the save id
+    its index names (the commit claim's base, see ``shardsave.claim``); refuses an existing
+    remote checkpoint unless ``overwrite``."""
+    base = index_base(dst)
+    if base == NO_INDEX:
+        return (), base
     if not overwrite:
         raise CheckpointExistsError(
             f"{dst.full_path(INDEX_NAME)} already holds a committed checkpoint; pass overwrite=True to "
             "replace it, or upload to another path (nothing was written)"
         )
     try:
-        return tuple(f.name for f in read_index(dst).files)
+        return tuple(f.name for f in read_index(dst).files), base
     except ShardsaveError:
-        return ()  # an unreadable old index: its files are left for gc
+        return (), base  # an unreadable old index: its files are left for gc
 
 
-def _commit(src: Storage, dst: Storage, info: CheckpointInfo, overwrite: bool) -> CheckpointInfo:
-    """(coordinator) Every data file is up: PUT the index (the remote commit), then clean up."""
-    old = _remote_state(dst, overwrite)
-    dst.write_atomic(INDEX_NAME, src.read_bytes(INDEX_NAME, max_bytes=knobs.max_index_bytes()))
+def _commit(src: Storage, dst: Storage, info: CheckpointInfo, overwrite: bool, base: str) -> CheckpointInfo:
+    """(coordinator) Every data file is up: PUT the index (the remote commit), then clean up.
+
+    Conditional on the remote index still naming ``base``, the save id it named before the
+    upload began: of two uploads racing to one remote path, one commits and the other
+    raises ``ConcurrentSaveError`` (``shardsave.claim``)."""
+    old, _ = _remote_state(dst, overwrite)
+    blob = src.read_bytes(INDEX_NAME, max_bytes=knobs.max_index_bytes())
+    with commit_claim(dst, base, info.save_id):
+        dst.write_atomic(INDEX_NAME, blob)
     new = {f.name for f in info.files}
     stale = [n for n in old if n not in new]
     if stale:
@@ -134,10 +143,10 @@ def upload(
     src = Storage.from_url(local_path, local_storage_options)
     dst = Storage.from_url(remote_path, storage_options)
     info = read_index(src)
-    _remote_state(dst, overwrite)
+    _, base = _remote_state(dst, overwrite)
     for f in info.files:
         _copy_file(src, dst, f)
-    return _commit(src, dst, info, overwrite)
+    return _commit(src, dst, info, overwrite, base)
 
 
 class TieredSaveHandle:
@@ -212,9 +221,10 @@ def tiered_save(
     dst = Storage.from_url(remote_path, storage_options)
     # (coordinator -> all ranks) refuse a committed remote checkpoint before writing anything.
     verdict: tuple[str | None] | None = None
+    base = NO_INDEX  # (coordinator) what the remote commit must still find
     if comm.is_coordinator:
         try:
-            _remote_state(dst, overwrite)
+            _, base = _remote_state(dst, overwrite)
             verdict = (None,)
         except CheckpointExistsError as exc:
             verdict = (str(exc),)
@@ -242,7 +252,7 @@ def tiered_save(
         if not handle.is_coordinator:
             return replace(info, path=dst.url)
         _wait_for_files(dst, info, upload_timeout_s)
-        return _commit(src, dst, info, overwrite)
+        return _commit(src, dst, info, overwrite, base)
 
     handle._run(run)
     return handle

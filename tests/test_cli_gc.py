@@ -38,12 +38,14 @@ def make_garbage(root: Path) -> dict[str, Path]:
     orphan = dead_save(root / step_dir_name(2))
     tmp = root / step_dir_name(2) / "index.json.tmp-0123abcd"
     tmp.write_bytes(b"{")
+    claim = root / step_dir_name(2) / f".commit-claim-{keep.save_id}"  # a crash mid-commit
+    claim.write_text('{"save_id": "x", "host": "h", "created": 0}')
     partial = root / step_dir_name(3)
     dead_save(partial)
     other = root / "not-a-step"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    return {"orphan": orphan, "tmp": tmp, "partial": partial, "other": other,
+    return {"orphan": orphan, "tmp": tmp, "claim": claim, "partial": partial, "other": other,
             "live": root / step_dir_name(2) / keep.files[0].name}
 
 
@@ -55,12 +57,14 @@ def test_plan_finds_uncommitted_steps_orphans_and_temporaries(tmp_path: Path) ->
     assert got == {
         (step_dir_name(2), "files", (f"data/{OLD_ID}-r0.bin",)),
         (step_dir_name(2), "files", ("index.json.tmp-0123abcd",)),
+        (step_dir_name(2), "files", (g["claim"].name,)),
         (step_dir_name(3), "directory", (f"data/{OLD_ID}-r0.bin",)),
     }
     assert all(a.skipped is None for a in actions)
     done, problems = execute_gc(str(tmp_path), actions)
-    assert len(done) == 3 and problems == []
+    assert len(done) == 4 and problems == []
     assert not g["orphan"].exists() and not g["tmp"].exists() and not g["partial"].exists()
+    assert not g["claim"].exists()
     assert g["live"].exists() and (g["other"] / "notes.txt").exists()
     assert ss.verify(str(tmp_path / step_dir_name(2))).ok and ss.verify(str(tmp_path / step_dir_name(1))).ok
 
@@ -133,14 +137,14 @@ def test_gc_command_is_a_dry_run_unless_yes(capsys: pytest.CaptureFixture[str], 
     g = make_garbage(tmp_path)
     assert main(["gc", str(tmp_path), "--min-age", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.count("would remove") == 3 and "dry run: 3 item(s)" in out and "--yes" in out
+    assert out.count("would remove") == 4 and "dry run: 4 item(s)" in out and "--yes" in out
     assert g["orphan"].exists() and g["partial"].exists()
     assert main(["gc", str(tmp_path)]) == 0  # default minimum age keeps everything just written
     out = capsys.readouterr().out
-    assert out.count("keeping") == 3 and "dry run: 0 item(s)" in out
+    assert out.count("keeping") == 4 and "dry run: 0 item(s)" in out
     assert main(["gc", str(tmp_path), "--min-age", "0s", "--yes", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert not report["dry_run"] and len(report["remove"]) == 3 and report["problems"] == []
+    assert not report["dry_run"] and len(report["remove"]) == 4 and report["problems"] == []
     assert not g["orphan"].exists() and not g["partial"].exists() and g["live"].exists()
     assert main(["gc", str(tmp_path), "--min-age", "0", "--yes"]) == 0
     assert "nothing to remove" in capsys.readouterr().out

@@ -81,6 +81,27 @@ def test_overwrite_protection_and_refusals_commit_nothing(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(60)
+def test_a_save_committing_in_between_makes_the_dcp_commit_fail(tmp_path: Path) -> None:
+    """Another save commits the path between DCP's planning and its commit: the DCPWriter
+    commits nothing, removes its own files and says so (the commit claim of ss.save)."""
+    path = str(tmp_path / "ck")
+    ss.save({"a": torch.ones(3)}, path)
+
+    class Racing(ss.DCPWriter):
+        def finish(self, metadata: Any, results: Any) -> None:
+            ss.save({"a": torch.full((3,), 7.0)}, path, overwrite=True)  # job B commits first
+            super().finish(metadata, results)
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # DCP wraps the coordinator's exception in its CheckpointException, message included.
+    with pytest.raises(CheckpointException, match=r"ConcurrentSaveError: another save .* committed"):
+        dcp.save({"a": torch.zeros(3)}, storage_writer=Racing(path, overwrite=True))
+    assert torch.equal(ss.load_full(path)["a"], torch.full((3,), 7.0))
+    report = ss.verify(path)
+    assert report.ok and not report.extra_files, report
+
+
 def test_reader_loads_checkpoints_of_ss_save(tmp_path: Path) -> None:
     path = str(tmp_path / "ck")
     ss.save({"model": {"w": torch.arange(12.0).reshape(3, 4)}, "lr": 0.5}, path)

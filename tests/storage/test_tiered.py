@@ -110,3 +110,24 @@ def test_tiered_save_on_two_ranks(tmp_path: Path, s3_bucket: S3Bucket) -> None:
                             timeout=100)
     assert results == [True, True]
     assert len(s3_bucket.fs.find(f"{s3_bucket.name}/dist/data")) == 2
+
+
+def test_two_uploads_racing_to_one_remote_path_commit_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another job commits the remote path while this upload copies its files: this upload
+    commits nothing (the commit claim finds the remote index changed) and says so."""
+    a, b, remote = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "remote")
+    ss.save(_state(1), a)
+    ss.save(_state(2), b)
+    original = tiered._copy_file
+    raced: list[bool] = []
+
+    def copy_while_b_commits(src: Any, dst: Any, f: Any) -> None:
+        if not raced:
+            raced.append(True)
+            ss.upload(b, remote)  # job B, start to finish, while job A is uploading
+        original(src, dst, f)
+
+    monkeypatch.setattr(tiered, "_copy_file", copy_while_b_commits)
+    with pytest.raises(ss.CheckpointExistsError, match=r"another save .* committed"):
+        ss.upload(a, remote, overwrite=True)
+    assert _same(ss.load_full(remote), _state(2))
