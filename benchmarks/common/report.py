@@ -150,8 +150,9 @@ def plot(results: list[ScenarioResult], path: Path) -> None:
     cols = 2
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.6 * rows), squeeze=False)
-    colors = {"shardsave": "tab:blue", "dcp": "tab:orange", "torch.save": "tab:gray", "torch.load": "tab:gray",
-              "zipnn": "tab:green",
+    # Most specific prefix first: shardsave's raw codec and --ab variants get their own shades.
+    colors = {"shardsave[raw]": "tab:cyan", "shardsave@": "tab:brown", "shardsave": "tab:blue",
+              "dcp": "tab:orange", "torch.save": "tab:gray", "torch.load": "tab:gray", "zipnn": "tab:green",
               "blosc2": "tab:purple", "zstd": "tab:olive"}
     for ax, r in zip(axes.flat, panels):
         p = r.extra["plot"]
@@ -178,7 +179,7 @@ def plot(results: list[ScenarioResult], path: Path) -> None:
         ax.axis("off")
     fig.suptitle("shardsave vs DCP vs torch.save (bars: warm median, whiskers: min-max, dots: cold)", fontsize=10)
     fig.tight_layout()
-    fig.subplots_adjust(left=0.16, wspace=0.45)
+    fig.subplots_adjust(left=0.19, wspace=0.55)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
