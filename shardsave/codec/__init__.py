@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from shardsave.codec.base import (
     CODEC_NAMES,
+    BoxCopy,
     Buffer,
     Codec,
     EncodedChunk,
@@ -24,6 +25,7 @@ from shardsave.codec.zstd import ZstdCodec
 __all__ = [
     "CODEC_DESCRIPTORS",
     "CODEC_NAMES",
+    "BoxCopy",
     "Buffer",
     "ByteGroupedZstdCodec",
     "Codec",

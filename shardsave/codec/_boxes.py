@@ -20,10 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from shardsave.codec._bytegroup import ungroup_into
-from shardsave.codec.base import U8Array
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]
-BoxCopy = tuple[Box, np.ndarray]
+from shardsave.codec.base import Box, BoxCopy, U8Array
 
 # Rows per block of the N-D copies: about this many destination bytes, so that a block stays
 # in L2 while each byte stream writes its bytes into it.

@@ -26,6 +26,11 @@ Buffer = Union[bytes, bytearray, memoryview, "npt.NDArray[np.uint8]"]
 
 U8Array = npt.NDArray[np.uint8]
 
+# A box of a chunk, ``(offsets, sizes)``, and a copy of one into a destination: a writable
+# uint8 array of shape ``(*sizes, itemsize)`` with a contiguous last axis (see ``_boxes``).
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+BoxCopy = tuple[Box, "npt.NDArray[np.uint8]"]
+
 # What a user may pass as ``codec=``. "auto" picks per chunk; the others force a codec (with the
 # documented fallback of "zstd-shuffle" to "zstd" where byte grouping does not apply).
 CODEC_NAMES: tuple[str, ...] = ("auto", "raw", "zstd", "zstd-shuffle")
@@ -86,7 +91,7 @@ class Codec(Protocol):
         ...
 
     def decode_boxes(self, payload: U8Array, *, raw_length: int, itemsize: int, shape: tuple[int, ...],
-                     copies: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray]]) -> None:
+                     copies: list[BoxCopy]) -> None:
         """Decode boxes of the chunk (elements row-major in ``shape``) straight into their
         destinations (see ``_boxes``), moving as few bytes as the codec allows."""
         ...

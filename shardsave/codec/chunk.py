@@ -26,8 +26,8 @@ import numpy as np
 import zstandard
 
 from shardsave import knobs
-from shardsave.codec._boxes import BoxCopy
 from shardsave.codec.base import (
+    BoxCopy,
     Codec,
     EncodedChunk,
     U8Array,

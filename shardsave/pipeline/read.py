@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from shardsave import knobs
-from shardsave.codec import checksum, decode_chunk, decode_chunk_boxes
+from shardsave.codec import BoxCopy, checksum, decode_chunk, decode_chunk_boxes
 from shardsave.errors import CorruptionError, FormatError, LimitExceededError
 from shardsave.format.dtypes import itemsize_of, torch_dtype
 from shardsave.format.index import CheckpointInfo, FileInfo
@@ -285,14 +285,13 @@ def _scratch_bytes(n: int) -> np.ndarray:
     return buf[:n]
 
 
-def _box_destinations(cr: ChunkRead, targets: Sequence[torch.Tensor], dtype: torch.dtype
-                      ) -> list[tuple[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray]] | None:
+def _box_destinations(cr: ChunkRead, targets: Sequence[torch.Tensor], dtype: torch.dtype) -> list[BoxCopy] | None:
     """Each copy of ``cr`` as ``(box in the chunk, uint8 view of its target region)``, for
     decoding straight into the targets; None unless every region can be viewed so (a CPU
     target of the stored dtype, not conjugated or negated, last dimension contiguous). Saves
     a scratch buffer and a copy per chunk, and for byte-grouped floats only the elements a
     target wants are interleaved."""
-    out = []
+    out: list[BoxCopy] = []
     for cp in cr.copies:
         dst = targets[cp.target]
         if dst.dtype != dtype or dst.device.type != "cpu" or dst.is_conj() or dst.is_neg():
