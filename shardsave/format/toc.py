@@ -16,6 +16,7 @@ Layout (all little-endian)::
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -67,27 +68,33 @@ def decode_toc(data: bytes, *, file: str, file_size: int) -> np.ndarray:
 
 
 class TocLookup:
-    """Finds a chunk's row in a parsed TOC by (entry, piece, chunk) with a binary search."""
+    """Finds a chunk's row in a parsed TOC by (entry, piece, chunk)."""
 
     def __init__(self, rows: np.ndarray, *, file: str) -> None:
         self.rows = rows
         self.file = file
-        # One sortable 128-bit-ish key folded into a structured view for searchsorted.
+        # The writer sorts rows by (entry, piece, chunk); a file that is not is not ours.
         keys = np.empty(len(rows), dtype=[("e", "<u4"), ("p", "<u8"), ("c", "<u4")])
         keys["e"] = rows["entry"]
         keys["p"] = rows["piece"]
         keys["c"] = rows["chunk"]
-        self._keys = keys
         if len(keys) > 1 and not _is_sorted(keys):
             raise FormatError(f"{file}: table of contents is not sorted by (entry, piece, chunk)")
 
     def find(self, entry: int, piece: int, chunk: int) -> np.void | None:
-        probe = np.array([(entry, piece, chunk)], dtype=self._keys.dtype)
-        i = int(np.searchsorted(self._keys, probe[0]))
-        if i < len(self._keys) and self._keys[i] == probe[0]:
-            row: np.void = self.rows[i]
-            return row
-        return None
+        i = self._positions.get((entry, piece, chunk))
+        if i is None:
+            return None
+        row: np.void = self.rows[i]
+        return row
+
+    @functools.cached_property
+    def _positions(self) -> dict[tuple[int, int, int], int]:
+        # A load looks up every chunk it reads, one at a time: a dict built once answers in
+        # well under a microsecond, a structured searchsorted per lookup took ~15.
+        rows = self.rows
+        keys = zip(rows["entry"].tolist(), rows["piece"].tolist(), rows["chunk"].tolist())
+        return {key: i for i, key in enumerate(keys)}
 
 
 def _is_sorted(keys: np.ndarray) -> bool:

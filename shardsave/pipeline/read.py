@@ -206,12 +206,15 @@ def execute_reads(
     with cf.ThreadPoolExecutor(knobs.io_threads(), thread_name_prefix="shardsave-decode") as pool, \
             cf.ThreadPoolExecutor(1, thread_name_prefix="shardsave-fetch") as fetcher:
         fetched = fetcher.submit(_fetch, storage, batches[0])
+        # Plain checkpoints decode straight into the targets' memory; encrypted ones never put
+        # unauthenticated bytes into a target, so they go via scratch.
+        views = _byte_views(targets, dtypes) if cipher is None else [None] * len(targets)
         queued: list[cf.Future[None]] = []
         for i in range(len(batches)):
             spans, blobs = fetched.result()
             if i + 1 < len(batches):
                 fetched = fetcher.submit(_fetch, storage, batches[i + 1])
-            futures = _submit_decodes(storage, info, spans, blobs, targets, dtypes, pool, cipher)
+            futures = _submit_decodes(storage, info, spans, blobs, targets, views, dtypes, pool, cipher)
             del spans, blobs
             _wait(queued)
             queued = futures
@@ -253,6 +256,7 @@ def _submit_decodes(
     spans: list[tuple[Span, int]],
     blobs: list[bytes | memoryview],
     targets: Sequence[torch.Tensor],
+    views: Sequence[np.ndarray | None],
     dtypes: Sequence[str],
     pool: cf.ThreadPoolExecutor,
     cipher: SaveCipher | None = None,
@@ -263,8 +267,8 @@ def _submit_decodes(
         for cr, row, f in span:
             off = int(row["offset"]) - start
             payload = view[off : off + int(row["length"])]
-            futures.append(pool.submit(_decode_and_copy, storage, info, cr, row, f, payload, targets, dtypes,
-                                       cipher))
+            futures.append(pool.submit(_decode_and_copy, storage, info, cr, row, f, payload, targets, views,
+                                       dtypes, cipher))
     return futures
 
 
@@ -285,28 +289,41 @@ def _scratch_bytes(n: int) -> np.ndarray:
     return buf[:n]
 
 
-def _box_destinations(cr: ChunkRead, targets: Sequence[torch.Tensor], dtype: torch.dtype) -> list[BoxCopy] | None:
+def _byte_views(targets: Sequence[torch.Tensor], dtypes: Sequence[str]) -> list[np.ndarray | None]:
+    """Each target as a uint8 array of shape ``(*shape, itemsize)`` over its own memory, for
+    decoding chunks straight into it; None where that cannot be (not a CPU tensor of the
+    stored dtype, conjugated or negated, or a last dimension that is not contiguous). Made
+    once per load: per chunk, a destination is then a numpy slice, not a tensor index and a
+    conversion (which cost ~0.1 s per GiB loaded, under the GIL, in the decode threads)."""
+    out: list[np.ndarray | None] = []
+    for t, stored in zip(targets, dtypes):
+        dtype = torch_dtype(stored)
+        view = None
+        if t.dtype == dtype and t.device.type == "cpu" and not t.is_conj() and not t.is_neg():
+            try:
+                view = t.detach().reshape(1).view(torch.uint8).numpy() if t.dim() == 0 \
+                    else t.detach().view(torch.uint8).numpy()  # needs a unit last stride
+                view = view.view()
+                view.shape = (*t.shape, dtype.itemsize)  # a view or an error, never a copy
+            except (RuntimeError, AttributeError, TypeError):
+                view = None
+        out.append(view)
+    return out
+
+
+def _box_destinations(cr: ChunkRead, views: Sequence[np.ndarray | None]) -> list[BoxCopy] | None:
     """Each copy of ``cr`` as ``(box in the chunk, uint8 view of its target region)``, for
-    decoding straight into the targets; None unless every region can be viewed so (a CPU
-    target of the stored dtype, not conjugated or negated, last dimension contiguous). Saves
-    a scratch buffer and a copy per chunk, and for byte-grouped floats only the elements a
+    decoding straight into the targets; None unless every target has a byte view. Saves a
+    scratch buffer and a copy per chunk, and for byte-grouped floats only the elements a
     target wants are interleaved."""
     out: list[BoxCopy] = []
     for cp in cr.copies:
-        dst = targets[cp.target]
-        if dst.dtype != dtype or dst.device.type != "cpu" or dst.is_conj() or dst.is_neg():
+        view = views[cp.target]
+        if view is None:
             return None
-        view = dst[_slices(cp.dst)] if cp.dst[0] else dst
-        if view.numel() == 0:
+        if 0 in cp.src[1]:
             continue
-        if view.dim() == 0:
-            view = view.reshape(1)
-        try:
-            shaped = view.detach().view(torch.uint8).numpy().view()  # needs a unit last stride
-            shaped.shape = (*cp.src[1], dtype.itemsize)  # a view or an error, never a copy
-        except (RuntimeError, AttributeError):
-            return None
-        out.append(((tuple(cp.src[0]), tuple(cp.src[1])), shaped))
+        out.append(((tuple(cp.src[0]), tuple(cp.src[1])), view[_slices(cp.dst)] if cp.dst[0] else view))
     return out
 
 
@@ -318,6 +335,7 @@ def _decode_and_copy(
     f: FileInfo,
     payload: memoryview,
     targets: Sequence[torch.Tensor],
+    views: Sequence[np.ndarray | None],
     dtypes: Sequence[str],
     cipher: SaveCipher | None = None,
 ) -> None:
@@ -336,9 +354,7 @@ def _decode_and_copy(
     if raw_length != numel * dtype.itemsize:
         raise CorruptionError(f"{where} declares {raw_length} raw bytes, expected {numel * dtype.itemsize} "
                               f"for shape {list(cr.shape)} of {dtype}")
-    # Plain checkpoints decode straight into the targets' memory; encrypted ones never put
-    # unauthenticated bytes into a target, so they go via scratch.
-    boxes = _box_destinations(cr, targets, dtype) if cipher is None else None
+    boxes = _box_destinations(cr, views)
     if boxes is not None:
         try:
             decode_chunk_boxes(info.codecs[codec_id], payload, raw_length=raw_length, itemsize=dtype.itemsize,

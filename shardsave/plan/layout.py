@@ -23,6 +23,7 @@ ranks without any coordination.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
@@ -55,6 +56,14 @@ class DimCuts:
     @property
     def intervals(self) -> int:
         return int(self.starts.shape[1])
+
+    @functools.cached_property
+    def slot_bounds(self) -> tuple[list[int], list[int], list[int]]:
+        """Starts, ends and lengths of the flattened (partition, interval) slots, as Python
+        ints: a load plans one overlap query per target region, each touching a few slots,
+        where numpy's per-call overhead cost more than the search (kept once per cuts)."""
+        starts, lengths = self.starts.reshape(-1), self.lengths.reshape(-1)
+        return starts.tolist(), (starts + lengths).tolist(), lengths.tolist()
 
 
 def _cut(starts: np.ndarray, lengths: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,21 +235,18 @@ class ShardedLayout:
         per_dim: list[list[tuple[int, int, int, int]]] = []
         offs, sizes = box
         for c, a, n in zip(self.cuts, offs, sizes):
-            b = a + n
-            flat_s = c.starts.reshape(-1)
-            flat_l = c.lengths.reshape(-1)
             if n <= 0:
                 return
+            b = a + n
+            starts, ends, lengths = c.slot_bounds
             if c.sorted_single:
-                lo = int(np.searchsorted(flat_s + flat_l, a, side="right"))
-                hi = int(np.searchsorted(flat_s, b, side="left"))
-                slots = np.arange(lo, hi)
-                slots = slots[flat_l[lo:hi] > 0]
+                slots = [t for t in range(bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)) if lengths[t] > 0]
             else:
-                slots = np.nonzero((flat_l > 0) & (flat_s < b) & (flat_s + flat_l > a))[0]
-            if len(slots) == 0:
+                flat_s, flat_l = c.starts.reshape(-1), c.lengths.reshape(-1)
+                slots = np.nonzero((flat_l > 0) & (flat_s < b) & (flat_s + flat_l > a))[0].tolist()
+            if not slots:
                 return
-            per_dim.append([(int(t), int(flat_s[t]), int(flat_l[t]), 0) for t in slots])
+            per_dim.append([(t, starts[t], lengths[t], 0) for t in slots])
         yield from _product(per_dim)
 
 

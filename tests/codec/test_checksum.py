@@ -38,3 +38,23 @@ def test_other_dtypes_and_shapes_checksum_their_bytes() -> None:
 def test_non_contiguous_rejected() -> None:
     with pytest.raises(CodecError):
         checksum(np.zeros(16, np.uint8)[::2])
+
+
+def test_isal_and_zlib_compute_the_same_crc() -> None:
+    """The stored value must not depend on which library computed it: a checkpoint saved
+    with ``shardsave[fast]`` installed loads without it, and the other way round."""
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (1 << 20) + 77, dtype=np.uint8)
+    # Sizes and misalignments around the SIMD folding widths, and a multi-MiB buffer.
+    for start in (0, 1, 3, 15, 64):
+        for size in (0, 1, 15, 16, 17, 63, 64, 65, 255, 256, 4097, (1 << 20)):
+            piece = data[start : start + size].data
+            assert isal_zlib.crc32(piece) == zlib.crc32(piece), (start, size)
+
+
+def test_uses_isal_when_installed() -> None:
+    import importlib
+
+    pytest.importorskip("isal.isal_zlib")
+    assert importlib.import_module("shardsave.codec.checksum").IMPLEMENTATION == "isal"
