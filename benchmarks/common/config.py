@@ -71,6 +71,8 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         pass
+    from shardsave.codec.checksum import IMPLEMENTATION as crc
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f} at start")
+            f"torch {torch.__version__}, CRC-32 by {crc}, load avg {os.getloadavg()[0]:.1f} at start")
