@@ -29,6 +29,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -58,12 +59,41 @@ class DimCuts:
         return int(self.starts.shape[1])
 
     @functools.cached_property
-    def slot_bounds(self) -> tuple[list[int], list[int], list[int]]:
-        """Starts, ends and lengths of the flattened (partition, interval) slots, as Python
-        ints: a load plans one overlap query per target region, each touching a few slots,
-        where numpy's per-call overhead cost more than the search (kept once per cuts)."""
+    def slot_bounds(self) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+        """Starts, ends and lengths of the flattened (partition, interval) slots, for overlap
+        queries: a load asks one per target region and touches a few slots each, so a binary
+        search by element access beats numpy's per-call overhead. Up to ``_LIST_SLOTS`` slots
+        they are Python lists (fastest to index); beyond, the arrays themselves, since
+        converting 16,384 partitions per tensor would cost more than the queries."""
         starts, lengths = self.starts.reshape(-1), self.lengths.reshape(-1)
-        return starts.tolist(), (starts + lengths).tolist(), lengths.tolist()
+        if starts.size <= _LIST_SLOTS:
+            return starts.tolist(), (starts + lengths).tolist(), lengths.tolist()
+        return _Ints(starts), _Ints(starts, lengths), _Ints(lengths)
+
+
+_LIST_SLOTS = 1024
+
+
+class _Ints(Sequence[int]):
+    """A 1-D int array (or the sum of two) read one element at a time: what ``bisect`` needs,
+    without materialising anything per query or per tensor."""
+
+    __slots__ = ("_a", "_b")
+
+    def __init__(self, a: np.ndarray, b: np.ndarray | None = None) -> None:
+        self._a, self._b = a, b
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        if isinstance(i, slice):
+            raise TypeError("_Ints is read one element at a time")
+        return int(self._a[i]) + (0 if self._b is None else int(self._b[i]))
 
 
 def _cut(starts: np.ndarray, lengths: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +276,7 @@ class ShardedLayout:
                 slots = np.nonzero((flat_l > 0) & (flat_s < b) & (flat_s + flat_l > a))[0].tolist()
             if not slots:
                 return
-            per_dim.append([(t, starts[t], lengths[t], 0) for t in slots])
+            per_dim.append([(t, int(starts[t]), int(lengths[t]), 0) for t in slots])
         yield from _product(per_dim)
 
 

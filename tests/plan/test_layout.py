@@ -127,3 +127,21 @@ def test_overlap_queries_scale_to_16384_ranks() -> None:
         hits = list(layout.overlapping(box))
         assert 1 <= len(hits) <= 2
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("ranks", [6, 2048])  # list-backed and array-backed slot searches
+def test_overlap_on_large_meshes_matches_brute_force(ranks: int) -> None:
+    import random
+
+    mesh = Mesh((ranks,), tuple(range(ranks)))
+    # Uneven shards, and (for 2048) trailing ranks with empty shards: 3 * 2048 - 5 rows.
+    layout = ShardedLayout((3 * ranks - 5, 4), mesh, (Placement("shard", dim=0),))
+    pieces = {layout.piece_id(s): box for r in range(ranks) for s, box, _ in layout.local_pieces((r,))
+              if 0 not in box[1]}
+    rng = random.Random(ranks)
+    rows = 3 * ranks - 5
+    for _ in range(200):
+        lo = rng.randrange(rows)
+        box = ((lo, 1), (rng.randint(1, min(rows - lo, 40)), 2))
+        found = {layout.piece_id(s): b for s, b, _ in layout.overlapping(box)}
+        assert found == {pid: b for pid, b in pieces.items() if intersect(b, box) is not None}
