@@ -34,6 +34,10 @@ _DEFAULTS: dict[str, int | float] = {
     # device right after it is written, so the disk works while later chunks are encoded and
     # the final fsync waits only for the tail (0 disables; durability never depends on it).
     "EARLY_WRITEBACK": 1,
+    # With EARLY_WRITEBACK, a durable local data file is also fdatasync'ed in a background
+    # thread each time this many more bytes are written, so the device's write cache is
+    # flushed while later chunks are encoded, not all by the final fsync (0: only at close).
+    "EARLY_SYNC_BYTES": 32 * 1024 * 1024,
     # Seconds a checkpoint collective waits for a peer before reporting it lost.
     "COLLECTIVE_TIMEOUT_S": 300.0,
     # Byte gap under which two ranged reads of one file are merged into one request.
@@ -127,6 +131,10 @@ def min_compression_gain() -> float:
 
 def early_writeback() -> bool:
     return get_int("EARLY_WRITEBACK") != 0
+
+
+def early_sync_bytes() -> int:
+    return get_int("EARLY_SYNC_BYTES")
 
 
 def local_mmap() -> bool:

@@ -34,6 +34,7 @@ import functools
 import mmap
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,8 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 # Largest single pread/pwrite: Linux transfers at most 0x7ffff000 bytes per call anyway.
 _MAX_IO = 1 << 30
+# fdatasync flushes the data (and the size), not the timestamps; macOS has only fsync.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 # -- os-level helpers -----------------------------------------------------------------
@@ -188,6 +191,9 @@ class LocalWriter(DataWriter):
         self.path = path
         self._offset = 0
         self._closed = False
+        self._unsynced = 0
+        self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, data: Buffer) -> int:
         if self._closed:
@@ -202,24 +208,64 @@ class LocalWriter(DataWriter):
         return self._offset
 
     def start_writeback(self, start: int, end: int) -> None:
-        """Hint: start writing bytes [start, end) back to the device now, without waiting.
+        """Hint: bytes [start, end) are final; start making them durable now, without waiting.
 
-        A streaming writer calls this after each large write, so the disk works while the
-        caller prepares the next one and the fsync in :meth:`close` only waits for the tail.
-        ``posix_fadvise(DONTNEED)`` starts asynchronous writeback of the range's dirty pages
-        (Linux: ``WB_SYNC_NONE``) and drops those already clean; it never makes anything
-        durable by itself and failures are ignored -- :meth:`close` still fsyncs.
+        A streaming writer of a durable file calls this after each large write, so the disk
+        works while the caller prepares the next one and the fsync in :meth:`close` only
+        waits for the tail. Two steps, neither of which durability depends on (:meth:`close`
+        still fsyncs):
+
+        * ``posix_fadvise(DONTNEED)`` starts asynchronous writeback of the range's dirty
+          pages to the device (Linux: ``WB_SYNC_NONE``) and drops those already clean;
+        * every ``knobs.early_sync_bytes()`` an ``fdatasync`` runs in a background thread (one
+          at a time). A device with a volatile write cache -- a VM's virtual disk, most SSDs --
+          accepts written pages at once and does the real work when it is told to flush; one
+          flush at the end then costs as long as the whole file takes to reach the medium,
+          after the encoding is over. Flushing along the way overlaps it with the encoding.
+          On the reference VM (2 ranks, the benchmark's 1.13 GiB fp32 state, median of 3)
+          the default-codec save went from 3.2-3.3 s to 2.1-2.5 s (every 16-128 MiB; the
+          device's counters showed it idle for the last 1.2 s before, waiting for the one
+          flush), and the raw-codec save, whose writes the disk paces anyway, stayed at
+          2.1-2.5 s. A failed background flush is reported by :meth:`close`, never retried
+          (fsyncgate, see the module docstring).
         """
-        if self._closed or end <= start or not hasattr(os, "posix_fadvise"):
+        if self._closed or end <= start:
             return
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        every = knobs.early_sync_bytes()
+        self._unsynced += end - start
+        if every <= 0 or self._unsynced < every or (self._syncer is not None and self._syncer.is_alive()):
+            return
+        self._unsynced = 0
+        self._syncer = threading.Thread(target=self._sync_in_background, name="shardsave-fdatasync", daemon=True)
+        self._syncer.start()
+
+    def _sync_in_background(self) -> None:
+        try:
+            _fdatasync(self._fd)
+        except OSError as exc:
+            self._sync_error = exc
+
+    def _join_syncer(self) -> None:
+        """Wait for a background flush: the descriptor is never closed under it."""
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
 
     def close(self, *, durable: bool = True) -> int:
         if self._closed:
             return self._offset
         self._closed = True
         try:
+            self._join_syncer()
+            if durable and self._sync_error is not None:
+                raise StorageError(
+                    f"fsync {self.path} failed with {self._sync_error!r} while the file was written; not "
+                    "retried, because an fsync after a writeback error cannot be trusted: write the whole "
+                    "file again"
+                ) from self._sync_error
             if durable:
                 # Not retried: see the module docstring (fsyncgate).
                 call_with_retry(
@@ -238,6 +284,7 @@ class LocalWriter(DataWriter):
     def abort(self) -> None:
         if not self._closed:
             self._closed = True
+            self._join_syncer()
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         with contextlib.suppress(OSError):

@@ -254,3 +254,91 @@ def test_read_of_a_directory_fails_clearly(tmp_path: Path) -> None:
     store.makedirs("sub")
     with pytest.raises(StorageError, match="IsADirectoryError"):
         store.read_bytes("sub")
+
+
+# -- background flushes while a durable file is streamed ----------------------------------
+
+
+def _local_module() -> Any:
+    return sys.modules["shardsave.storage.local"]
+
+
+def test_writeback_flushes_in_the_background_every_early_sync_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    local = _local_module()
+    flushed: list[tuple[str, int]] = []
+
+    def fake_fdatasync(fd: int) -> None:
+        flushed.append((threading.current_thread().name, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(local, "_fdatasync", fake_fdatasync)
+    store = Storage.from_url(str(tmp_path))
+    with knobs.override(EARLY_SYNC_BYTES=1000), store.open_writer("r0.bin") as w:
+        for i in range(5):
+            off = w.write(bytes([i]) * 600)
+            w.start_writeback(off, off + 600)  # type: ignore[attr-defined]
+            w._join_syncer()  # type: ignore[attr-defined]  # make the count deterministic
+    # 600, 1200 -> flush, 600, 1200 -> flush, 600: two flushes, off the writing thread,
+    # each seeing at least the bytes written before it was started.
+    assert [n for _, n in flushed] == [1200, 2400]
+    assert all(name == "shardsave-fdatasync" for name, _ in flushed)
+    assert (tmp_path / "r0.bin").read_bytes() == b"".join(bytes([i]) * 600 for i in range(5))
+
+
+def test_no_background_flush_when_early_sync_bytes_is_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = _local_module()
+    calls: list[int] = []
+    monkeypatch.setattr(local, "_fdatasync", calls.append)
+    store = Storage.from_url(str(tmp_path))
+    with knobs.override(EARLY_SYNC_BYTES=0), store.open_writer("r0.bin") as w:
+        off = w.write(b"x" * 5000)
+        w.start_writeback(off, off + 5000)  # type: ignore[attr-defined]
+    assert calls == []
+
+
+def test_failed_background_flush_fails_close_without_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = _local_module()
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(local, "_fdatasync", failing)
+    rec = FsyncRecorder(monkeypatch) if os.path.isdir("/proc/self/fd") else None
+    store = Storage.from_url(str(tmp_path))
+    w = store.open_writer("r0.bin")
+    with knobs.override(EARLY_SYNC_BYTES=10):
+        off = w.write(b"x" * 100)
+        w.start_writeback(off, off + 100)  # type: ignore[attr-defined]
+    with pytest.raises(StorageError, match=r"r0\.bin.*Input/output error.*write the whole file again"):
+        w.close()
+    if rec is not None:
+        assert rec.fsynced() == []  # the final fsync is not trusted after a failed flush either
+    w.abort()  # what the save does next: the partial file goes
+    assert not (tmp_path / "r0.bin").exists()
+
+
+def test_abort_waits_for_a_running_background_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    local = _local_module()
+    started = threading.Event()
+    seen: list[bool] = []
+
+    def slow(fd: int) -> None:
+        started.set()
+        time.sleep(0.2)
+        seen.append(os.fstat(fd).st_size == 100)  # the descriptor is still this file's
+
+    monkeypatch.setattr(local, "_fdatasync", slow)
+    store = Storage.from_url(str(tmp_path))
+    w = store.open_writer("r0.bin")
+    with knobs.override(EARLY_SYNC_BYTES=10):
+        off = w.write(b"x" * 100)
+        w.start_writeback(off, off + 100)  # type: ignore[attr-defined]
+    assert started.wait(5)
+    w.abort()
+    assert seen == [True]
