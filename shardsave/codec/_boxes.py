@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from shardsave.codec._bytegroup import ungroup_into
-from shardsave.codec.base import Box, BoxCopy, U8Array
+from shardsave.codec.base import Box, BoxCopy, U8Array, box_slices
 
 # Rows per block of the N-D copies: about this many destination bytes, so that a block stays
 # in L2 while each byte stream writes its bytes into it.
@@ -46,10 +46,6 @@ def flat_range(shape: Sequence[int], box: Box) -> tuple[int, int] | None:
     return lo, lo + math.prod(sizes)
 
 
-def _slices(box: Box) -> tuple[slice, ...]:
-    return tuple(slice(o, o + n) for o, n in zip(*box))
-
-
 def _row_blocks(box: Box, row_bytes: int) -> Iterator[tuple[Box, slice]]:
     """``box`` cut along its first dimension into blocks of about ``_BLOCK_BYTES``."""
     offs, sizes = box
@@ -68,7 +64,7 @@ def copy_boxes(raw: U8Array, shape: Sequence[int], itemsize: int, copies: Sequen
     for box, dst in copies:
         if math.prod(box[1]) == 0:
             continue
-        np.copyto(dst, elements[_slices(box)])
+        np.copyto(dst, elements[box_slices(box)])
 
 
 def ungroup_boxes(streams: Sequence[U8Array], shape: Sequence[int], itemsize: int,
@@ -89,7 +85,7 @@ def ungroup_boxes(streams: Sequence[U8Array], shape: Sequence[int], itemsize: in
         row_bytes = k * count // max(1, box[1][0]) if box[1] else k
         for sub, rows in _row_blocks(box, row_bytes):
             part = dst[rows] if box[1] else dst
-            where = _slices(sub)
+            where = box_slices(sub)
             if k == 2:  # shifts on the word view, as ``ungroup_into`` does
                 words = part.view(np.uint16)[..., 0]
                 np.left_shift(planes[1][where], 8, out=words, dtype=np.uint16)

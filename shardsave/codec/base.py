@@ -31,6 +31,11 @@ U8Array = npt.NDArray[np.uint8]
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 BoxCopy = tuple[Box, "npt.NDArray[np.uint8]"]
 
+
+def box_slices(box: Box) -> tuple[slice, ...]:
+    """The index of ``box`` in an array (or tensor) whose origin is the box's reference."""
+    return tuple(slice(o, o + n) for o, n in zip(*box))
+
 # What a user may pass as ``codec=``. "auto" picks per chunk; the others force a codec (with the
 # documented fallback of "zstd-shuffle" to "zstd" where byte grouping does not apply).
 CODEC_NAMES: tuple[str, ...] = ("auto", "raw", "zstd", "zstd-shuffle")

@@ -26,6 +26,7 @@ import torch
 
 from shardsave import knobs
 from shardsave.codec import BoxCopy, checksum, decode_chunk, decode_chunk_boxes
+from shardsave.codec.base import box_slices
 from shardsave.errors import CorruptionError, FormatError, LimitExceededError
 from shardsave.format.dtypes import itemsize_of, torch_dtype
 from shardsave.format.index import CheckpointInfo, FileInfo
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
     from shardsave.crypto import SaveCipher
 
 RAW_DESCRIPTOR = "raw/1"
-
-
-def _slices(box: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[slice, ...]:
-    return tuple(slice(o, o + n) for o, n in zip(*box))
 
 
 def load_tocs(storage: Storage, files: Sequence[FileInfo], *, cipher: SaveCipher | None = None
@@ -323,7 +320,7 @@ def _box_destinations(cr: ChunkRead, views: Sequence[np.ndarray | None]) -> list
             return None
         if 0 in cp.src[1]:
             continue
-        out.append(((tuple(cp.src[0]), tuple(cp.src[1])), view[_slices(cp.dst)] if cp.dst[0] else view))
+        out.append(((tuple(cp.src[0]), tuple(cp.src[1])), view[box_slices(cp.dst)] if cp.dst[0] else view))
     return out
 
 
@@ -370,8 +367,8 @@ def _decode_and_copy(
         chunk = torch.empty(cr.shape, dtype=dtype)
     for cp in cr.copies:
         dst = targets[cp.target]
-        src = chunk[_slices(cp.src)] if cp.src[0] else chunk
+        src = chunk[box_slices(cp.src)] if cp.src[0] else chunk
         if cp.dst[0]:
-            dst[_slices(cp.dst)].copy_(src)
+            dst[box_slices(cp.dst)].copy_(src)
         else:
             dst.copy_(src)

@@ -20,11 +20,11 @@ import torch
 
 from shardsave import knobs
 from shardsave.codec import EncodedChunk, checksum, encode_chunk
+from shardsave.codec.base import box_slices
 from shardsave.faults import fault_point
 from shardsave.format.index import FileInfo
 from shardsave.format.toc import TOC_DTYPE, encode_toc
 from shardsave.plan.chunking import chunks_of
-from shardsave.plan.layout import Box
 from shardsave.storage import Storage
 
 if TYPE_CHECKING:
@@ -48,15 +48,11 @@ class _Job:
     data: torch.Tensor
 
 
-def _slices(box: Box) -> tuple[slice, ...]:
-    return tuple(slice(o, o + n) for o, n in zip(*box))
-
-
 def _jobs(pieces: Iterable[PieceWrite], chunk_bytes: int) -> Iterator[_Job]:
     for p in pieces:
         itemsize = p.data.element_size()
         for cid, box in chunks_of(tuple(p.data.shape), itemsize, chunk_bytes):
-            yield _Job(p.entry, p.piece, cid, p.data[_slices(box)] if box[0] else p.data)
+            yield _Job(p.entry, p.piece, cid, p.data[box_slices(box)] if box[0] else p.data)
 
 
 def _chunk_bytes_of(t: torch.Tensor) -> np.ndarray:
