@@ -26,6 +26,9 @@ _DEFAULTS: dict[str, int | float] = {
     "IO_THREADS": max(1, min(8, os.cpu_count() or 1)),
     # How many encoded chunks may wait for the writer at once (bounds host memory).
     "MAX_INFLIGHT_CHUNKS": 4,
+    # 1: byte grouping and interleaving of floats use numba-compiled kernels when numba is
+    # installed (``shardsave[fast]``; codec/_native.py), 0: always numpy. Same bytes.
+    "NATIVE_KERNELS": 1,
     # zstd compression level (1 is the fast end; trained weights gain little above it).
     "ZSTD_LEVEL": 1,
     # "auto" keeps a compressed stream only if it is at most this fraction of its input.
@@ -115,6 +118,10 @@ def chunk_bytes() -> int:
 
 def io_threads() -> int:
     return max(1, get_int("IO_THREADS"))
+
+
+def native_kernels() -> bool:
+    return get_int("NATIVE_KERNELS") != 0
 
 
 def max_inflight_chunks() -> int:

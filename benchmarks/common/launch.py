@@ -166,6 +166,9 @@ def _child(rank: int, world_size: int, store: str, env: dict[str, str], conn: Co
         import torch.distributed as dist
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        from shardsave.codec import _native
+
+        _native.wait()  # compile (or load) the byte-grouping kernels before anything is timed
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
     except BaseException:

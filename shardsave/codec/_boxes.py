@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from shardsave.codec import _native
 from shardsave.codec._bytegroup import ungroup_into
 from shardsave.codec.base import Box, BoxCopy, U8Array, box_slices
 
@@ -80,6 +81,8 @@ def ungroup_boxes(streams: Sequence[U8Array], shape: Sequence[int], itemsize: in
         if run is not None and dst.flags.c_contiguous:
             lo, hi = run
             ungroup_into([s[lo:hi] for s in streams], dst.reshape(-1), k)
+            continue
+        if len(shape) == 2 and _native.ungroup_box(streams, k, box[0][0] * shape[1] + box[0][1], shape[1], dst):
             continue
         planes = [s.reshape(shape) for s in streams]
         row_bytes = k * count // max(1, box[1][0]) if box[1] else k

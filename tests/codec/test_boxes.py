@@ -15,6 +15,8 @@ from shardsave.errors import CodecError, CorruptionError
 
 from .helpers import DTYPES
 
+pytestmark = pytest.mark.usefixtures("native")
+
 SHAPES = [(), (1,), (37,), (12, 9), (5, 1, 7), (3, 4, 2, 5)]
 
 

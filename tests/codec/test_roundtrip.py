@@ -12,6 +12,8 @@ from shardsave.codec.shuffle import MODE_RAW, MODE_ZSTD, parse_header
 
 from .helpers import DTYPES, is_float, roundtrip, sample
 
+pytestmark = pytest.mark.usefixtures("native")
+
 NUMELS = [0, 1, 3, 17, 1000, 4099]
 
 
