@@ -18,7 +18,7 @@ chunk, best of 15-20 round-robin runs; ``benchmarks/codecs/microbench.py --group
     torch ``copy_`` of byte views      2.1 / 2.2      1.9 / 2.0      1.2 / 1.2
 
 (ungroup "shift" = widen, shift and OR into the word view). When numba is installed,
-compiled loops (``_native``) do both directions for k = 2, 4 and 8 at 5-9 GB/s instead, and
+compiled loops (``_native``) do both directions for k = 2 and 4 at 5-9 GB/s instead, and
 the numpy versions below serve everything else. Of the numpy versions: shifts on a uint16 view for
 k=2 (bf16/fp16, the common case); otherwise stream 0 by a truncating/widening cast of the
 word view and the other streams by strided copies in cache-sized blocks, which keep the

@@ -1,7 +1,8 @@
 """The numba kernels behind ``_native`` (imported, and so compiled, only by ``_native``).
 
-Each kernel moves the bytes of 2-, 4- or 8-byte elements between one array of words and ``k``
-byte streams, in one pass over each. They index nothing they are not given: the callers in
+Each kernel moves the bytes of 2- or 4-byte elements (bf16/fp16, fp32) between one array of
+words and ``k`` byte streams, in one pass over each. Other sizes (fp64, complex) are rare in
+training state and keep numpy's versions. They index nothing they are not given: the callers in
 ``_native`` check every offset and length before a call (numba does not bounds-check).
 
 Ungroup kernels fill a box of ``rows`` x ``cols`` elements: row ``r`` takes stream bytes
@@ -53,16 +54,6 @@ def group4(words: Arr, dst: Arr) -> None:
         d3[i] = np.uint8(x >> np.uint32(24))
 
 
-@numba.njit(types.void(_words(types.uint64, True), _U8x2), nogil=True, cache=True, error_model="numpy")
-def group8(words: Arr, dst: Arr) -> None:
-    m = np.uint64(0xFF)
-    for j in range(8):
-        d = dst[j]
-        s = np.uint64(8 * j)
-        for i in range(words.shape[0]):
-            d[i] = np.uint8((words[i] >> s) & m)
-
-
 @numba.njit(types.void(_RO8, _RO8, _words(types.uint16, False), _I, _I, _I, _I, _I, _I),
             nogil=True, cache=True, error_model="numpy")
 def ungroup2(s0: Arr, s1: Arr, out: Arr, rows: int, cols: int, s_off: int, s_rs: int, o_off: int, o_rs: int) -> None:
@@ -91,26 +82,3 @@ def ungroup4(s0: Arr, s1: Arr, s2: Arr, s3: Arr, out: Arr, rows: int, cols: int,
         for c in range(cols):
             o[c] = (np.uint32(x0[c]) | (np.uint32(x1[c]) << np.uint32(8))
                     | (np.uint32(x2[c]) << np.uint32(16)) | (np.uint32(x3[c]) << np.uint32(24)))
-
-
-@numba.njit(types.void(_RO8, _RO8, _RO8, _RO8, _RO8, _RO8, _RO8, _RO8, _words(types.uint64, False),
-                       _I, _I, _I, _I, _I, _I), nogil=True, cache=True, error_model="numpy")
-def ungroup8(s0: Arr, s1: Arr, s2: Arr, s3: Arr, s4: Arr, s5: Arr, s6: Arr, s7: Arr, out: Arr, rows: int, cols: int,
-             s_off: int, s_rs: int, o_off: int, o_rs: int) -> None:
-    for r in range(rows):
-        a = s_off + r * s_rs
-        b = o_off + r * o_rs
-        x0 = s0[a : a + cols]
-        x1 = s1[a : a + cols]
-        x2 = s2[a : a + cols]
-        x3 = s3[a : a + cols]
-        x4 = s4[a : a + cols]
-        x5 = s5[a : a + cols]
-        x6 = s6[a : a + cols]
-        x7 = s7[a : a + cols]
-        o = out[b : b + cols]
-        for c in range(cols):
-            o[c] = (np.uint64(x0[c]) | (np.uint64(x1[c]) << np.uint64(8))
-                    | (np.uint64(x2[c]) << np.uint64(16)) | (np.uint64(x3[c]) << np.uint64(24))
-                    | (np.uint64(x4[c]) << np.uint64(32)) | (np.uint64(x5[c]) << np.uint64(40))
-                    | (np.uint64(x6[c]) << np.uint64(48)) | (np.uint64(x7[c]) << np.uint64(56)))

@@ -36,7 +36,8 @@ from numpy.lib.stride_tricks import as_strided
 from shardsave import knobs
 from shardsave.codec.base import U8Array
 
-_WORD: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# Element sizes with a compiled kernel: bf16/fp16 and fp32, what training state is made of.
+_WORD: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32}
 
 _lock = threading.Lock()
 _kernels: ModuleType | None = None

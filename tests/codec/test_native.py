@@ -26,7 +26,7 @@ def _numpy(fn, *args) -> None:  # type: ignore[no-untyped-def]
         fn(*args)
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("k", [2, 4, 8])  # 8: numpy's version, through the same entry points
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 1000, 65537])
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_group_and_ungroup_equal_numpy(k: int, n: int, offset: int) -> None:
@@ -75,6 +75,7 @@ def test_what_the_kernels_do_not_handle_is_refused_untouched() -> None:
     assert _native.ungroup_box(s, 4, 0, 4, dst)
     refused = [
         (s, 3, 0, 4, np.zeros((2, 4, 3), np.uint8)),  # no kernel for 3-byte elements
+        ([*s, *s], 8, 0, 4, np.zeros((2, 4, 8), np.uint8)),  # nor for 8-byte ones
         (s[:3], 4, 0, 4, dst.copy()),  # a stream missing
         (s, 4, 1, 4, dst.copy()),  # the box runs past the end of the streams
         (s, 4, -1, 4, dst.copy()),  # negative offset
@@ -90,6 +91,7 @@ def test_what_the_kernels_do_not_handle_is_refused_untouched() -> None:
     src = np.arange(12, dtype=np.uint8)
     out = np.zeros(12, np.uint8)
     assert not _native.group(src, out, 3)
+    assert not _native.group(np.arange(16, dtype=np.uint8), np.zeros(16, np.uint8), 8)
     assert not _native.group(src[:10], out, 4)  # not whole elements
     assert not _native.group(src, out[:8], 4)  # destination too small
     assert not out.any()
