@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -186,12 +187,15 @@ def execute_reads(
         located.append((cr, row, f))
     located.sort(key=lambda t: (t[2].rank, int(t[1]["offset"])))
 
-    # Batches overlap: while the decoder threads work through one batch, the next one is
-    # already queued behind it and the one after that is being read, so neither the storage
-    # nor the threads wait at batch boundaries. Each batch is a third of the budget, so a
-    # load's extra memory stays within ``knobs.read_batch_bytes()`` (local files are mapped,
-    # and their pages are the page cache's).
-    budget = max(1, knobs.read_batch_bytes(local=storage.is_local) // 3)
+    # Batches overlap: the fetch thread reads up to ``ahead`` batches ahead of the one the
+    # decoder threads are given, back to back, so the storage never waits for the decoders
+    # to finish a batch (nor for this thread to wake up and ask for the next one), and the
+    # decoders never wait at a batch boundary while the storage keeps up. Each batch is a
+    # share of the budget, so a load's extra memory stays within
+    # ``knobs.read_batch_bytes()`` (local files are mapped, and their pages are the page
+    # cache's).
+    ahead = 2
+    budget = max(1, knobs.read_batch_bytes(local=storage.is_local) // (ahead + 2))
     batches: list[list[tuple[ChunkRead, np.void, FileInfo]]] = [[]]
     size = 0
     for item in located:
@@ -202,15 +206,15 @@ def execute_reads(
         size += int(item[1]["length"])
     with cf.ThreadPoolExecutor(knobs.io_threads(), thread_name_prefix="shardsave-decode") as pool, \
             cf.ThreadPoolExecutor(1, thread_name_prefix="shardsave-fetch") as fetcher:
-        fetched = fetcher.submit(_fetch, storage, batches[0])
+        fetches = deque(fetcher.submit(_fetch, storage, b) for b in batches[:ahead])
         # Plain checkpoints decode straight into the targets' memory; encrypted ones never put
         # unauthenticated bytes into a target, so they go via scratch.
         views = _byte_views(targets, dtypes) if cipher is None else [None] * len(targets)
         queued: list[cf.Future[None]] = []
         for i in range(len(batches)):
-            spans, blobs = fetched.result()
-            if i + 1 < len(batches):
-                fetched = fetcher.submit(_fetch, storage, batches[i + 1])
+            spans, blobs = fetches.popleft().result()
+            if i + ahead < len(batches):
+                fetches.append(fetcher.submit(_fetch, storage, batches[i + ahead]))
             futures = _submit_decodes(storage, info, spans, blobs, targets, views, dtypes, pool, cipher)
             del spans, blobs
             _wait(queued)
