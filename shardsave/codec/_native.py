@@ -148,7 +148,9 @@ def ungroup_box(streams: Sequence[U8Array], k: int, s_off: int, s_rs: int, dst: 
     ):
         return False
     o_rs = row_stride // k
-    # The destination as one run of words from its first element to its last, rows apart.
-    words = as_strided(dst.view(_WORD[k]), shape=((rows - 1) * o_rs + cols,), strides=(k,))
+    if rows == 1:
+        words = dst[0].view(_WORD[k]).reshape(cols)  # a view: the row's elements are adjacent
+    else:  # the destination as one run of words from its first element to its last
+        words = as_strided(dst.view(_WORD[k]), shape=((rows - 1) * o_rs + cols,), strides=(k,))
     getattr(kernels, f"ungroup{k}")(*streams, words, rows, cols, s_off, s_rs, 0, o_rs)
     return True
