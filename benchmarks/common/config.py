@@ -71,10 +71,11 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         pass
+    from shardsave import knobs
     from shardsave.codec import _native
     from shardsave.codec.checksum import IMPLEMENTATION as crc
 
-    grouping = "numba" if _native.wait() else "numpy"
+    grouping = "numba" if knobs.native_kernels() and _native.wait() else "numpy"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
             f"torch {torch.__version__}, CRC-32 by {crc}, byte grouping by {grouping}, "
