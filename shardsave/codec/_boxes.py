@@ -21,12 +21,11 @@ import numpy as np
 
 from shardsave.codec import _native
 from shardsave.codec._bytegroup import ungroup_into
-from shardsave.codec.base import Box, BoxCopy, U8Array, box_slices
+from shardsave.codec.base import WORD_DTYPES, Box, BoxCopy, U8Array, box_slices
 
 # Rows per block of the N-D copies: about this many destination bytes, so that a block stays
 # in L2 while each byte stream writes its bytes into it.
 _BLOCK_BYTES = 256 * 1024
-_WORD: dict[int, type[np.unsignedinteger]] = {4: np.uint32, 8: np.uint64}
 
 
 def flat_range(shape: Sequence[int], box: Box) -> tuple[int, int] | None:
@@ -95,8 +94,8 @@ def ungroup_boxes(streams: Sequence[U8Array], shape: Sequence[int], itemsize: in
                 np.bitwise_or(words, planes[0][where], out=words)
                 continue
             first = 0
-            if k in _WORD:  # stream 0 widened into the words writes every byte in one pass
-                np.copyto(part.view(_WORD[k])[..., 0], planes[0][where], casting="unsafe")
+            if k in WORD_DTYPES:  # stream 0 widened into the words writes every byte in one pass
+                np.copyto(part.view(WORD_DTYPES[k])[..., 0], planes[0][where], casting="unsafe")
                 first = 1
             for j in range(first, k):
                 np.copyto(part[..., j], planes[j][where])

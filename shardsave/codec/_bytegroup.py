@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from shardsave.codec import _native
-from shardsave.codec.base import U8Array
+from shardsave.codec.base import WORD_DTYPES, U8Array
 
 # Elements per block for the blocked copies: ~256 KiB of input stays in L2 while each of the
 # k streams takes its bytes from it, instead of streaming the whole chunk from memory k times.
@@ -65,7 +65,6 @@ def ungroup_into(streams: Sequence[U8Array], out: U8Array, k: int) -> None:
         _ungroup_cast_blocked(streams, out, k, n)
 
 
-_WORD: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _group_shift2(src: U8Array, dst: U8Array, n: int) -> None:
@@ -82,10 +81,10 @@ def _ungroup_shift2(streams: Sequence[U8Array], out: U8Array, n: int) -> None:
 
 def _group_cast_blocked(src: U8Array, dst: U8Array, k: int, n: int) -> None:
     first = 0
-    if k in _WORD:
+    if k in WORD_DTYPES:
         # A truncating cast of the word view is vectorised and yields stream 0 at about twice
         # the speed of a strided byte copy; the other streams have no such shortcut.
-        np.copyto(dst[:n], src.view(_WORD[k]), casting="unsafe")
+        np.copyto(dst[:n], src.view(WORD_DTYPES[k]), casting="unsafe")
         first = 1
     elements = src.reshape(n, k)
     block = max(1, _BLOCK_BYTES // k)
@@ -97,10 +96,10 @@ def _group_cast_blocked(src: U8Array, dst: U8Array, k: int, n: int) -> None:
 
 def _ungroup_cast_blocked(streams: Sequence[U8Array], out: U8Array, k: int, n: int) -> None:
     first = 0
-    if k in _WORD:
+    if k in WORD_DTYPES:
         # Widening stream 0 into the word view writes every byte of ``out`` (the others as 0)
         # in one vectorised pass; the other streams are then put in place.
-        np.copyto(out.view(_WORD[k]), streams[0], casting="unsafe")
+        np.copyto(out.view(WORD_DTYPES[k]), streams[0], casting="unsafe")
         first = 1
     elements = out.reshape(n, k)
     block = max(1, _BLOCK_BYTES // k)
@@ -147,7 +146,7 @@ def _group_transpose(src: U8Array, dst: U8Array, k: int, n: int) -> None:
 
 
 def _group_shift(src: U8Array, dst: U8Array, k: int, n: int) -> None:
-    words = src.view(_WORD[k])
+    words = src.view(WORD_DTYPES[k])
     for j in range(k):
         np.right_shift(words, 8 * j, out=dst[j * n : (j + 1) * n], casting="unsafe")
 

@@ -34,10 +34,10 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from shardsave import knobs
-from shardsave.codec.base import U8Array
+from shardsave.codec.base import WORD_DTYPES, U8Array
 
 # Element sizes with a compiled kernel: bf16/fp16 and fp32, what training state is made of.
-_WORD: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32}
+_SIZES = (2, 4)
 
 _lock = threading.Lock()
 _kernels: ModuleType | None = None
@@ -98,14 +98,14 @@ def _compile() -> None:
 def _self_test(module: ModuleType) -> None:
     """A round trip of every kernel against numpy on a small odd-sized array."""
     rng = np.random.default_rng(0)
-    for k in _WORD:
+    for k in _SIZES:
         raw = rng.integers(0, 256, 37 * k, dtype=np.uint8)
         dst = np.empty((k, 37), dtype=np.uint8)
-        getattr(module, f"group{k}")(raw.view(_WORD[k]), dst)
+        getattr(module, f"group{k}")(raw.view(WORD_DTYPES[k]), dst)
         if not np.array_equal(dst, raw.reshape(37, k).T):
             raise RuntimeError(f"compiled group{k} disagrees with numpy")
         out = np.empty_like(raw)
-        getattr(module, f"ungroup{k}")(*dst, out.view(_WORD[k]), 1, 37, 0, 0, 0, 0)
+        getattr(module, f"ungroup{k}")(*dst, out.view(WORD_DTYPES[k]), 1, 37, 0, 0, 0, 0)
         if not np.array_equal(out, raw):
             raise RuntimeError(f"compiled ungroup{k} disagrees with numpy")
 
@@ -114,12 +114,12 @@ def group(src: U8Array, dst: U8Array, k: int) -> bool:
     """Write the ``k`` byte streams of ``src`` (1-D contiguous) back to back into ``dst``;
     False (nothing written) where no compiled kernel applies."""
     kernels = _get()
-    if kernels is None or k not in _WORD or src.size % k or dst.size < src.size:
+    if kernels is None or k not in _SIZES or src.size % k or dst.size < src.size:
         return False
     if not (src.flags.c_contiguous and dst.flags.c_contiguous and dst.flags.writeable):
         return False
     n = src.size // k
-    getattr(kernels, f"group{k}")(src.view(_WORD[k]), dst[: n * k].reshape(k, n))
+    getattr(kernels, f"group{k}")(src.view(WORD_DTYPES[k]), dst[: n * k].reshape(k, n))
     return True
 
 
@@ -132,7 +132,7 @@ def ungroup_box(streams: Sequence[U8Array], k: int, s_off: int, s_rs: int, dst: 
     bytes ``[s_off + r*s_rs, s_off + r*s_rs + cols)``.
     """
     kernels = _get()
-    if kernels is None or k not in _WORD or len(streams) != k or dst.ndim != 3:
+    if kernels is None or k not in _SIZES or len(streams) != k or dst.ndim != 3:
         return False
     rows, cols, width = dst.shape
     if width != k or dst.dtype != np.uint8 or not dst.flags.writeable:
@@ -149,8 +149,8 @@ def ungroup_box(streams: Sequence[U8Array], k: int, s_off: int, s_rs: int, dst: 
         return False
     o_rs = row_stride // k
     if rows == 1:
-        words = dst[0].view(_WORD[k]).reshape(cols)  # a view: the row's elements are adjacent
+        words = dst[0].view(WORD_DTYPES[k]).reshape(cols)  # a view: the row's elements are adjacent
     else:  # the destination as one run of words from its first element to its last
-        words = as_strided(dst.view(_WORD[k]), shape=((rows - 1) * o_rs + cols,), strides=(k,))
+        words = as_strided(dst.view(WORD_DTYPES[k]), shape=((rows - 1) * o_rs + cols,), strides=(k,))
     getattr(kernels, f"ungroup{k}")(*streams, words, rows, cols, s_off, s_rs, 0, o_rs)
     return True

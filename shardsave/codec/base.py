@@ -26,6 +26,10 @@ Buffer = Union[bytes, bytearray, memoryview, "npt.NDArray[np.uint8]"]
 
 U8Array = npt.NDArray[np.uint8]
 
+# The unsigned integer of each element size that has one: byte grouping reads and writes
+# whole elements through these views.
+WORD_DTYPES: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
 # A box of a chunk, ``(offsets, sizes)``, and a copy of one into a destination: a writable
 # uint8 array of shape ``(*sizes, itemsize)`` with a contiguous last axis (see ``_boxes``).
 Box = tuple[tuple[int, ...], tuple[int, ...]]
