@@ -6,7 +6,7 @@ training state and keep numpy's versions. They index nothing they are not given:
 ``_native`` check every offset and length before a call (numba does not bounds-check).
 
 Ungroup kernels fill a box of ``rows`` x ``cols`` elements: row ``r`` takes stream bytes
-``[s_off + r*s_rs, ... + cols)`` and writes words ``[o_off + r*o_rs, ... + cols)``. The inner
+``[s_off + r*s_rs, ... + cols)`` and writes words ``[r*o_rs, ... + cols)``. The inner
 loops run over slices, whose indices numba knows to be in range and non-negative, so LLVM
 vectorises them (indexing with ``base + c`` instead kept a negative-index check per byte
 and ran ~6x slower).
@@ -54,12 +54,12 @@ def group4(words: Arr, dst: Arr) -> None:
         d3[i] = np.uint8(x >> np.uint32(24))
 
 
-@numba.njit(types.void(_RO8, _RO8, _words(types.uint16, False), _I, _I, _I, _I, _I, _I),
+@numba.njit(types.void(_RO8, _RO8, _words(types.uint16, False), _I, _I, _I, _I, _I),
             nogil=True, cache=True, error_model="numpy")
-def ungroup2(s0: Arr, s1: Arr, out: Arr, rows: int, cols: int, s_off: int, s_rs: int, o_off: int, o_rs: int) -> None:
+def ungroup2(s0: Arr, s1: Arr, out: Arr, rows: int, cols: int, s_off: int, s_rs: int, o_rs: int) -> None:
     for r in range(rows):
         a = s_off + r * s_rs
-        b = o_off + r * o_rs
+        b = r * o_rs
         x0 = s0[a : a + cols]
         x1 = s1[a : a + cols]
         o = out[b : b + cols]
@@ -67,13 +67,13 @@ def ungroup2(s0: Arr, s1: Arr, out: Arr, rows: int, cols: int, s_off: int, s_rs:
             o[c] = np.uint16(x0[c]) | (np.uint16(x1[c]) << np.uint16(8))
 
 
-@numba.njit(types.void(_RO8, _RO8, _RO8, _RO8, _words(types.uint32, False), _I, _I, _I, _I, _I, _I),
+@numba.njit(types.void(_RO8, _RO8, _RO8, _RO8, _words(types.uint32, False), _I, _I, _I, _I, _I),
             nogil=True, cache=True, error_model="numpy")
-def ungroup4(s0: Arr, s1: Arr, s2: Arr, s3: Arr, out: Arr, rows: int, cols: int, s_off: int, s_rs: int, o_off: int,
+def ungroup4(s0: Arr, s1: Arr, s2: Arr, s3: Arr, out: Arr, rows: int, cols: int, s_off: int, s_rs: int,
              o_rs: int) -> None:
     for r in range(rows):
         a = s_off + r * s_rs
-        b = o_off + r * o_rs
+        b = r * o_rs
         x0 = s0[a : a + cols]
         x1 = s1[a : a + cols]
         x2 = s2[a : a + cols]

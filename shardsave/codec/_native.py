@@ -105,7 +105,7 @@ def _self_test(module: ModuleType) -> None:
         if not np.array_equal(dst, raw.reshape(37, k).T):
             raise RuntimeError(f"compiled group{k} disagrees with numpy")
         out = np.empty_like(raw)
-        getattr(module, f"ungroup{k}")(*dst, out.view(WORD_DTYPES[k]), 1, 37, 0, 0, 0, 0)
+        getattr(module, f"ungroup{k}")(*dst, out.view(WORD_DTYPES[k]), 1, 37, 0, 0, 0)
         if not np.array_equal(out, raw):
             raise RuntimeError(f"compiled ungroup{k} disagrees with numpy")
 
@@ -152,5 +152,5 @@ def ungroup_box(streams: Sequence[U8Array], k: int, s_off: int, s_rs: int, dst: 
         words = dst[0].view(WORD_DTYPES[k]).reshape(cols)  # a view: the row's elements are adjacent
     else:  # the destination as one run of words from its first element to its last
         words = as_strided(dst.view(WORD_DTYPES[k]), shape=((rows - 1) * o_rs + cols,), strides=(k,))
-    getattr(kernels, f"ungroup{k}")(*streams, words, rows, cols, s_off, s_rs, 0, o_rs)
+    getattr(kernels, f"ungroup{k}")(*streams, words, rows, cols, s_off, s_rs, o_rs)
     return True
