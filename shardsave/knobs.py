@@ -29,6 +29,11 @@ _DEFAULTS: dict[str, int | float] = {
     # 1: byte grouping and interleaving of floats use numba-compiled kernels when numba is
     # installed (``shardsave[fast]``; codec/_native.py), 0: always numpy. Same bytes.
     "NATIVE_KERNELS": 1,
+    # 1: zstd goes through the cffi binding that zstandard ships when cffi is installed
+    # (``shardsave[fast]``; codec/_zstd_cffi.py): exponent streams compress ~1.7x faster,
+    # frames decode straight into their destination. 0: always the C binding. Either way
+    # the frames are ordinary zstd frames.
+    "ZSTD_CFFI": 1,
     # zstd compression level (1 is the fast end; trained weights gain little above it).
     "ZSTD_LEVEL": 1,
     # "auto" keeps a compressed stream only if it is at most this fraction of its input.
@@ -122,6 +127,10 @@ def io_threads() -> int:
 
 def native_kernels() -> bool:
     return get_int("NATIVE_KERNELS") != 0
+
+
+def zstd_cffi() -> bool:
+    return get_int("ZSTD_CFFI") != 0
 
 
 def max_inflight_chunks() -> int:

@@ -72,11 +72,13 @@ def machine() -> str:
     except OSError:
         pass
     from shardsave import knobs
-    from shardsave.codec import _native
+    from shardsave.codec import _native, _zstd_cffi
     from shardsave.codec.checksum import IMPLEMENTATION as crc
 
     grouping = "numba" if knobs.native_kernels() and _native.wait() else "numpy"
+    zstd = "cffi" if knobs.zstd_cffi() and _zstd_cffi.binding() is not None else "C"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
             f"torch {torch.__version__}, CRC-32 by {crc}, byte grouping by {grouping}, "
+            f"zstd through its {zstd} binding, "
             f"load avg {os.getloadavg()[0]:.1f} at start")

@@ -31,12 +31,11 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import zstandard
 
 from shardsave import knobs
 from shardsave.codec._boxes import BoxCopy, ungroup_boxes
 from shardsave.codec._bytegroup import group_into, ungroup_into
-from shardsave.codec._threadlocal import compressor, scratch
+from shardsave.codec._threadlocal import StreamCompressor, frame_bound, scratch, stream_compressor
 from shardsave.codec._zstd_frame import decompress_into
 from shardsave.codec.base import Buffer, U8Array
 from shardsave.errors import CodecError, CorruptionError
@@ -75,7 +74,8 @@ class ByteGroupedZstdCodec:
             )
         n = raw.size // k
         gain = knobs.min_compression_gain()
-        cctx = compressor(knobs.zstd_level(), byte_streams=True)
+        cctx = stream_compressor(knobs.zstd_level())
+        frame = scratch("shuffle-frame", frame_bound(n))
         head = header_size(k)
         # Group straight into the payload buffer: raw streams are then already in place and
         # only the (small) compressed frames are copied, instead of joining every stream
@@ -89,11 +89,11 @@ class ByteGroupedZstdCodec:
         for j in range(k):
             stream = body[j * n : (j + 1) * n]
             if n and _worth_trying(cctx, stream, gain):
-                frame: bytes = cctx.compress(stream.data)
-                if len(frame) <= gain * n:
-                    body[end : end + len(frame)] = np.frombuffer(frame, dtype=np.uint8)
-                    entries += (MODE_ZSTD, len(frame))
-                    end += len(frame)
+                size = cctx.compress_into(stream, frame)
+                if size <= gain * n:
+                    body[end : end + size] = frame[:size]
+                    entries += (MODE_ZSTD, size)
+                    end += size
                     continue
             if end != j * n:  # an earlier stream shrank: move this one down (numpy handles
                 body[end : end + n] = stream  # the overlap; only complex dtypes get here)
@@ -195,7 +195,7 @@ def parse_header(
     return k, n, streams
 
 
-def _worth_trying(cctx: zstandard.ZstdCompressor, stream: U8Array, gain: float) -> bool:
+def _worth_trying(cctx: StreamCompressor, stream: U8Array, gain: float) -> bool:
     """Whether a sample of ``stream`` compresses enough to try the whole stream."""
     n = int(stream.size)
     if n < _PROBE_MIN_BYTES:
@@ -208,5 +208,5 @@ def _worth_trying(cctx: zstandard.ZstdCompressor, stream: U8Array, gain: float) 
             sample[i * _PROBE_PIECE_BYTES : (i + 1) * _PROBE_PIECE_BYTES],
             stream[start : start + _PROBE_PIECE_BYTES],
         )
-    probe: bytes = cctx.compress(sample.data)
-    return len(probe) <= gain * sample.size
+    size = cctx.compress_into(sample, scratch("shuffle-probe-frame", frame_bound(sample.size)))
+    return size <= gain * sample.size

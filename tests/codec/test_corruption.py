@@ -20,6 +20,8 @@ from shardsave.errors import CodecError, CorruptionError
 
 from .helpers import sample
 
+pytestmark = pytest.mark.usefixtures("zstd_binding")
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

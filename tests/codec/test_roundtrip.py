@@ -12,7 +12,7 @@ from shardsave.codec.shuffle import MODE_RAW, MODE_ZSTD, parse_header
 
 from .helpers import DTYPES, is_float, roundtrip, sample
 
-pytestmark = pytest.mark.usefixtures("native")
+pytestmark = pytest.mark.usefixtures("native", "zstd_binding")
 
 NUMELS = [0, 1, 3, 17, 1000, 4099]
 
