@@ -243,8 +243,8 @@ def test_load_full_key_filter_reads_only_selected(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_info_reports_sizes_and_environment(tmp_path: Path) -> None:
-    info = ss.save({"w": torch.zeros(1000)}, str(tmp_path / "ck"))
-    assert info.raw_bytes == 4000 and 0 < info.stored_bytes < 4000
+    info = ss.save({"w": torch.zeros(10_000)}, str(tmp_path / "ck"))  # over MIN_COMPRESS_BYTES
+    assert info.raw_bytes == 40_000 and 0 < info.stored_bytes < 40_000
     read = ss.info(str(tmp_path / "ck"))
     assert read.save_id == info.save_id and read.environment["torch"] == torch.__version__
     assert read.world_size == 1

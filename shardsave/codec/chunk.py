@@ -6,9 +6,11 @@
 * ``"zstd-shuffle"`` byte-groups floats of two or more bytes whose length is a whole number of
   elements; anything else (integers, bools, float8, a ragged length) falls back to ``zstd/1``,
   because grouping single bytes or non-float bytes buys nothing;
-* ``"auto"`` makes the same choice as ``"zstd-shuffle"`` and then stores the chunk as ``raw/1``
-  unless the payload is at most ``knobs.min_compression_gain()`` of the raw bytes, so
-  incompressible data costs nothing to load.
+* ``"auto"`` stores chunks under ``knobs.min_compress_bytes()`` as ``raw/1`` (small tensors:
+  a few bytes saved, a fixed decode cost paid); on larger ones it makes the same choice as
+  ``"zstd-shuffle"`` and then stores the chunk as ``raw/1`` unless the payload is at most
+  ``knobs.min_compression_gain()`` of the raw bytes, so incompressible data costs nothing
+  to load.
 
 The checksum is computed here, on the encoding thread, over the payload that will be stored.
 ``decode_chunk`` looks the descriptor up in the registry and guarantees that malformed input
@@ -28,6 +30,7 @@ import zstandard
 from shardsave import knobs
 from shardsave.codec.base import (
     BoxCopy,
+    Buffer,
     Codec,
     EncodedChunk,
     U8Array,
@@ -63,14 +66,19 @@ def encode_chunk(raw: np.ndarray, *, itemsize: int, is_float: bool, codec: str) 
     if not isinstance(itemsize, int) or itemsize < 1:
         raise CodecError(f"itemsize must be a positive int, got {itemsize!r}")
     data = _check_raw(raw)
-    chosen = choose_codec(codec, length=data.size, itemsize=itemsize, is_float=is_float)
-    payload = chosen.encode(data, itemsize=itemsize)
-    if (
-        codec == "auto"
-        and chosen is not RAW
-        and payload_length(payload) > knobs.min_compression_gain() * data.size
-    ):
+    chosen: Codec
+    payload: Buffer
+    if codec == "auto" and data.size < knobs.min_compress_bytes():
         chosen, payload = RAW, data
+    else:
+        chosen = choose_codec(codec, length=data.size, itemsize=itemsize, is_float=is_float)
+        payload = chosen.encode(data, itemsize=itemsize)
+        if (
+            codec == "auto"
+            and chosen is not RAW
+            and payload_length(payload) > knobs.min_compression_gain() * data.size
+        ):
+            chosen, payload = RAW, data
     return EncodedChunk(
         descriptor=chosen.descriptor,
         payload=payload,

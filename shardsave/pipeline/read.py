@@ -32,7 +32,7 @@ from shardsave.errors import CorruptionError, FormatError, LimitExceededError
 from shardsave.format.dtypes import itemsize_of, torch_dtype
 from shardsave.format.index import CheckpointInfo, FileInfo
 from shardsave.format.toc import TocLookup, decode_toc
-from shardsave.plan.layout import ShardedLayout
+from shardsave.plan.layout import Box, ShardedLayout
 from shardsave.plan.load_plan import ChunkRead, Region, plan_reads, stored_pieces
 from shardsave.storage import Storage
 
@@ -91,11 +91,15 @@ def prepare_reads(
     """
     ranks: set[int] = set()
     layouts: dict[int, ShardedLayout] = {}
+    pieces: dict[tuple[int, int, Box], list[tuple[int, Box, int]]] = {}
     for entry_index, rank, regions in requests:
         for region in regions:
-            ranks.update(r for _, _, r in stored_pieces(info, entry_index, region.box, rank, layouts))
+            found = pieces[(entry_index, rank, region.box)] = stored_pieces(
+                info, entry_index, region.box, rank, layouts)
+            ranks.update(r for _, _, r in found)
     tocs = load_tocs(storage, [info.file_of_rank(r) for r in sorted(ranks)], cipher=cipher)
-    reads = plan_reads(info, requests, max_reads=sum(len(t.rows) for t in tocs.values()), layouts=layouts)
+    reads = plan_reads(info, requests, max_reads=sum(len(t.rows) for t in tocs.values()), layouts=layouts,
+                       pieces=pieces)
     covered = 0
     for cr in reads:
         row = tocs[cr.rank].find(cr.entry, cr.piece, cr.chunk)

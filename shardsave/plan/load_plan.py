@@ -96,6 +96,7 @@ def plan_reads(
     *,
     max_reads: int | None = None,
     layouts: dict[int, ShardedLayout] | None = None,
+    pieces: dict[tuple[int, int, Box], list[tuple[int, Box, int]]] | None = None,
 ) -> list[ChunkRead]:
     """Chunk reads for targets given as (entry index, saved rank for per-rank entries, regions).
 
@@ -103,6 +104,8 @@ def plan_reads(
     the distinct chunks planned (FormatError past it): each must be a row of some table of
     contents, so a reader that has read the tables passes their row count, and an index
     declaring absurd shapes or a tiny ``chunk_bytes`` cannot make planning run for hours.
+    ``layouts`` and ``pieces`` (by entry index, rank and region box) hold what an earlier
+    pass over the same requests found with :func:`stored_pieces`, so it is not found twice.
     """
     reads: dict[tuple[int, int, int, int], ChunkRead] = {}
     layouts = {} if layouts is None else layouts
@@ -110,7 +113,10 @@ def plan_reads(
         e = info.entries[entry_index]
         itemsize = itemsize_of(_dtype_of(e, rank))
         for region in regions:
-            for piece, pbox, file_rank in stored_pieces(info, entry_index, region.box, rank, layouts):
+            found = pieces.get((entry_index, rank, region.box)) if pieces is not None else None
+            if found is None:
+                found = stored_pieces(info, entry_index, region.box, rank, layouts)
+            for piece, pbox, file_rank in found:
                 ov = intersect(pbox, region.box) if pbox[0] else ((), ())
                 if ov is None:
                     continue

@@ -69,6 +69,21 @@ def test_auto_empty_chunk_is_raw() -> None:
     assert enc.descriptor == "raw/1" and enc.stored_length == 0 and enc.checksum == 0
 
 
+def test_auto_stores_small_chunks_raw_without_trying() -> None:
+    limit = 16 * 1024
+    with knobs.override(MIN_COMPRESS_BYTES=limit):
+        small = np.zeros(limit - 4, np.uint8)  # would compress ~1000x
+        enc = encode_chunk(small, itemsize=4, is_float=True, codec="auto")
+        assert enc.descriptor == "raw/1" and enc.payload is small
+        big = np.zeros(limit, np.uint8)
+        assert encode_chunk(big, itemsize=4, is_float=True, codec="auto").descriptor == "zstd-shuffle/1"
+        # an explicit codec is honoured whatever the size
+        for codec, expected in (("zstd", "zstd/1"), ("zstd-shuffle", "zstd-shuffle/1")):
+            assert encode_chunk(small, itemsize=4, is_float=True, codec=codec).descriptor == expected
+    with knobs.override(MIN_COMPRESS_BYTES=0):
+        assert encode_chunk(small, itemsize=4, is_float=True, codec="auto").descriptor == "zstd-shuffle/1"
+
+
 def test_auto_respects_min_compression_gain() -> None:
     raw = sample(torch.bfloat16, 50_000)  # compresses to ~0.7-0.8 of its size
     with knobs.override(MIN_COMPRESSION_GAIN=0.3):
