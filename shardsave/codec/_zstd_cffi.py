@@ -67,9 +67,22 @@ def binding() -> tuple[Any, Any] | None:
     return _binding
 
 
+def _require() -> tuple[Any, Any]:
+    found = binding()
+    if found is None:
+        raise CodecError("zstandard's cffi binding is not available (pip install cffi)")
+    return found
+
+
+def _error_name(lib: Any, ffi: Any, result: int) -> str | None:
+    """zstd's name for the error ``result`` encodes, or None if it is not an error."""
+    return ffi.string(lib.ZSTD_getErrorName(result)).decode() if lib.ZSTD_isError(result) else None
+
+
 def _check(lib: Any, ffi: Any, result: int, what: str) -> int:
-    if lib.ZSTD_isError(result):
-        raise CodecError(f"{what}: {ffi.string(lib.ZSTD_getErrorName(result)).decode()}")
+    reason = _error_name(lib, ffi, result)
+    if reason is not None:
+        raise CodecError(f"{what}: {reason}")
     return int(result)
 
 
@@ -78,10 +91,7 @@ class Compressor:
 
     def __init__(self, *, level: int, hash_log: int = 0, min_match: int = 0,
                  target_length: int = 0, huffman_literals: bool = False) -> None:
-        found = binding()
-        if found is None:
-            raise CodecError("zstandard's cffi binding is not available (pip install cffi)")
-        self._lib, self._ffi = lib, ffi = found
+        self._lib, self._ffi = lib, ffi = _require()
         self._cctx = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
         settings = [
             (lib.ZSTD_c_compressionLevel, level),
@@ -101,7 +111,7 @@ class Compressor:
     def compress_into(self, src: U8Array, dst: U8Array) -> int:
         """Compress ``src`` as one frame into the start of ``dst``; the frame's length.
 
-        ``dst`` should hold ``compress_bound(src.size)`` bytes; a smaller one that the frame
+        ``dst`` should hold ``_threadlocal.frame_bound(src.size)`` bytes; a smaller one that the frame
         does not fit raises ``CodecError``.
         """
         lib, ffi = self._lib, self._ffi
@@ -115,10 +125,7 @@ class Decompressor:
     """One zstd decompression context (one thread at a time)."""
 
     def __init__(self) -> None:
-        found = binding()
-        if found is None:
-            raise CodecError("zstandard's cffi binding is not available (pip install cffi)")
-        self._lib, self._ffi = lib, ffi = found
+        self._lib, self._ffi = lib, ffi = _require()
         self._dctx = ffi.gc(lib.ZSTD_createDCtx(), lib.ZSTD_freeDCtx)
 
     def decompress_into(self, frame: memoryview, out: U8Array, what: str) -> None:
@@ -131,8 +138,8 @@ class Decompressor:
         lib, ffi = self._lib, self._ffi
         result = lib.ZSTD_decompressDCtx(self._dctx, ffi.from_buffer(out), out.size,
                                          ffi.from_buffer(frame), frame.nbytes)
-        if lib.ZSTD_isError(result):
-            reason = ffi.string(lib.ZSTD_getErrorName(result)).decode()
+        reason = _error_name(lib, ffi, result)
+        if reason is not None:
             raise CorruptionError(f"{what}: zstd cannot decode the frame ({reason})")
         if result != out.size:
             raise CorruptionError(
